@@ -1,0 +1,186 @@
+"""Record the real dataflow of one forward pass, op by op (private).
+
+A :class:`torch.overrides.TorchFunctionMode` sees every top-level torch call (``F.linear``, ``F.relu``,
+``torch.cat``, ``x.view``, ``x + y``...) with its real arguments, and module hooks tell which module made each
+call. Because the model really runs, Python control flow that depends on the data is followed as it happens
+(torch.fx cannot trace such models). The trace is a list of :class:`Op` in execution order (hence topological);
+tensors become integer value ids, and in-place ops give their result a fresh id.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from torch.overrides import TorchFunctionMode
+from torch.utils.weak import WeakIdKeyDictionary
+
+ACTIVATIONS = {"relu": "relu", "relu_": "relu", "leaky_relu": "leaky_relu", "leaky_relu_": "leaky_relu"}
+ACTIVATIONS.update({"prelu": "prelu"})
+LINEAR = {"linear"}
+CONV = {"conv1d", "conv2d", "conv3d"}
+NORM = {"batch_norm"}
+ADD = {"add", "add_", "__add__", "__iadd__", "__radd__"}
+CAT = {"cat", "concat", "concatenate", "stack"}
+DROPOUT = {"dropout", "dropout_", "dropout1d", "dropout2d", "dropout3d", "feature_dropout"}
+POOL = {f"{kind}_pool{d}d" for kind in ("max", "avg", "adaptive_avg", "adaptive_max") for d in (1, 2, 3)} | {
+    "max_pool1d_with_indices",
+    "max_pool2d_with_indices",
+    "max_pool3d_with_indices",
+}
+LAYOUT = {
+    "view", "reshape", "flatten", "unflatten", "contiguous", "clone", "squeeze", "unsqueeze", "permute",
+    "transpose", "t", "movedim", "__getitem__", "narrow", "view_as", "reshape_as", "expand", "expand_as",
+}  # fmt: skip
+REDUCE = {"mean", "sum", "amax"}
+
+
+def op_kind(name: str) -> str:
+    """Classify a torch function by its ``__name__``."""
+    for kind, names in (
+        ("act", ACTIVATIONS), ("linear", LINEAR), ("conv", CONV), ("norm", NORM), ("add", ADD), ("cat", CAT),
+        ("dropout", DROPOUT), ("pool", POOL), ("layout", LAYOUT), ("reduce", REDUCE),
+    ):  # fmt: skip
+        if name in names:
+            return kind
+    return "other"
+
+
+class Ref:
+    """Stand-in for a recorded floating-point tensor argument: its value id and shape."""
+
+    __slots__ = ("shape", "vid")
+
+    def __init__(self, vid: int, shape: torch.Size) -> None:
+        self.vid = vid
+        self.shape = shape
+
+    def __repr__(self) -> str:
+        return f"Ref({self.vid}, {tuple(self.shape)})"
+
+
+@dataclass
+class Op:
+    """One recorded torch call."""
+
+    index: int
+    name: str
+    kind: str
+    func: Callable[..., Any]
+    module: str | None  # innermost module whose forward made the call
+    args: tuple[Any, ...]  # tensors replaced by Ref (floating point) or kept (integer index tensors)
+    kwargs: dict[str, Any]
+    inputs: list[int]  # value ids of floating tensor arguments, in argument order
+    outputs: list[int]
+
+    def data_input(self) -> int | None:
+        """Value id of the first positional argument, if it is a recorded tensor."""
+        first = self.args[0] if self.args else None
+        return first.vid if isinstance(first, Ref) else None
+
+
+@dataclass
+class Value:
+    """One tensor value: its shape, the op that made it (None for inputs/parameters) and the ops that read it."""
+
+    vid: int
+    shape: torch.Size
+    producer: int | None
+    uses: list[int] = field(default_factory=list)
+
+
+class Trace(TorchFunctionMode):
+    """Record ops while active. Use as a context manager, or ``start()``/``stop()`` across Lightning hooks."""
+
+    def __init__(self, root: nn.Module) -> None:
+        super().__init__()
+        self.root = root
+        self.ops: list[Op] = []
+        self.values: list[Value] = []
+        self._ids: WeakIdKeyDictionary = WeakIdKeyDictionary()
+        self._stack: list[str] = []
+        self.calls: dict[str, int] = {}
+        self._handles: list[Any] = []
+        self.active = False
+
+    # -- module attribution -------------------------------------------------------------------------------
+    def _hook_modules(self) -> None:
+        for name, module in self.root.named_modules():
+            self._handles.append(module.register_forward_pre_hook(self._pre(name)))
+            self._handles.append(module.register_forward_hook(self._post(name), always_call=True))
+
+    def _pre(self, name: str) -> Callable[..., None]:
+        def hook(module: nn.Module, args: Any) -> None:
+            self._stack.append(name)
+            self.calls[name] = self.calls.get(name, 0) + 1
+
+        return hook
+
+    def _post(self, name: str) -> Callable[..., None]:
+        def hook(module: nn.Module, args: Any, output: Any) -> None:
+            if self._stack and self._stack[-1] == name:
+                self._stack.pop()
+
+        return hook
+
+    def start(self) -> Trace:
+        self._hook_modules()
+        self.__enter__()
+        self.active = True
+        return self
+
+    def stop(self) -> None:
+        if self.active:
+            self.active = False
+            self.__exit__(None, None, None)
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        self._ids = WeakIdKeyDictionary()  # drop references to tensors
+
+    # -- recording ------------------------------------------------------------------------------------------
+    def _vid(self, t: torch.Tensor) -> int:
+        vid = self._ids.get(t)
+        if vid is None:
+            vid = self._new_value(t, None)
+        return vid
+
+    def _new_value(self, t: torch.Tensor, producer: int | None) -> int:
+        vid = len(self.values)
+        self.values.append(Value(vid, t.shape, producer))
+        self._ids[t] = vid
+        return vid
+
+    def _convert(self, obj: Any, inputs: list[int]) -> Any:
+        if isinstance(obj, torch.Tensor):
+            if not obj.is_floating_point():
+                return obj
+            ref = Ref(self._vid(obj), obj.shape)
+            inputs.append(ref.vid)
+            return ref
+        if isinstance(obj, (list, tuple)):
+            return type(obj)(self._convert(o, inputs) for o in obj)
+        return obj
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        outs = [out] if isinstance(out, torch.Tensor) else []
+        if isinstance(out, (list, tuple)) and out and all(isinstance(o, torch.Tensor) for o in out):
+            outs = list(out)
+        if not outs:  # metadata queries (.shape, .dim(), ...) are not dataflow
+            return out
+        name = getattr(func, "__name__", str(func))
+        inputs: list[int] = []
+        rargs = self._convert(args, inputs)
+        rkwargs = {k: self._convert(v, inputs) for k, v in kwargs.items()}
+        index = len(self.ops)
+        out_ids = [self._new_value(o, index) for o in outs]
+        module = self._stack[-1] if self._stack else None
+        self.ops.append(Op(index, name, op_kind(name), func, module, rargs, rkwargs, inputs, out_ids))
+        for vid in dict.fromkeys(inputs):
+            self.values[vid].uses.append(index)
+        return out

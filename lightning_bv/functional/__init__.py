@@ -1,0 +1,23 @@
+"""The maths on tensors and neuron groups, in plain PyTorch (no Lightning import)."""
+
+from lightning_bv.functional.rbv import (
+    add_rbv_grad_,
+    add_weight_decay_grad_,
+    balance_,
+    group_norms,
+    neuron_scores,
+    neuron_weight_decay,
+    prox_,
+    rbv_norm,
+)
+
+__all__ = [
+    "add_rbv_grad_",
+    "add_weight_decay_grad_",
+    "balance_",
+    "group_norms",
+    "neuron_scores",
+    "neuron_weight_decay",
+    "prox_",
+    "rbv_norm",
+]

@@ -1,0 +1,560 @@
+"""Neuron groups: which weights belong to which ReLU neuron, found in any ``nn.Module``.
+
+A :class:`NeuronGroup` is one set of neurons z -> s(W z - b) read by some consumers (THEORY.md section 1). It
+records *slots*: where each neuron's input weights ``w_k`` (rows of the producer, or the BatchNorm gamma), its bias
+and its output weights ``v_k`` (columns of every consumer) live. Slots hold the modules themselves and read
+``module.weight`` at call time, so a group stays valid after a low-rank parametrization and under DDP.
+
+:func:`find_neurons` runs the model once and reads the real dataflow (see :mod:`lightning_bv._trace`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from typing import Any, overload
+
+import torch
+from torch import Tensor, nn
+from torch.nn.utils import parametrize
+
+from lightning_bv._select import Targets, select_names
+from lightning_bv._trace import ACTIVATIONS, Op, Ref, Trace
+
+_BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+_CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+def low_rank_factors(module: nn.Module) -> tuple[Tensor, Tensor] | None:
+    """``(U, V)`` of a weight parametrized by ``apply_low_rank`` (W = U @ V, conv weights as out x in*kernel)."""
+    if not parametrize.is_parametrized(module, "weight"):
+        return None
+    plist = module.parametrizations["weight"]  # type: ignore[index,union-attr]
+    if len(plist) != 1 or not getattr(plist[0], "lbv_low_rank", False):
+        return None
+    return plist.original0, plist.original1
+
+
+def is_null_space(module: nn.Module) -> bool:
+    """True for modules that compute the affine null space of the seminorm (skip connections): never charged."""
+    return bool(getattr(module, "_lbv_null_space", False))
+
+
+def _resolve(module: nn.Module, path: str) -> Tensor:
+    obj: Any = module
+    for part in path.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+class Slot:
+    """Where the entries of every neuron of a group live in one tensor.
+
+    ``dim=0``: neuron k owns row k (producer weight rows, a BatchNorm gamma/beta entry, a bias entry).
+    ``dim=1``: neuron k owns input columns ``index[k]`` of a consumer weight (all of them along the other axes:
+    output rows and kernel positions); ``index=None`` means column k alone.
+    ``regularized=False`` marks entries that must be rescaled with the neuron (function preservation) but are not
+    charged by the seminorm (skip connections, biases).
+    """
+
+    def __init__(
+        self,
+        module: nn.Module,
+        module_name: str,
+        param: str,
+        dim: int,
+        index: Tensor | None = None,
+        regularized: bool = True,
+    ) -> None:
+        self.module = module
+        self.module_name = module_name
+        self.param = param
+        self.dim = dim
+        self.index = index
+        self.regularized = regularized
+
+    def __repr__(self) -> str:
+        idx = "" if self.index is None else f", index={tuple(self.index.shape)}"
+        return f"Slot({self.module_name}.{self.param}, dim={self.dim}{idx}, regularized={self.regularized})"
+
+    # -- reading ---------------------------------------------------------------------------------------------
+    def tensor(self) -> Tensor:
+        """The effective tensor (differentiable; the product U @ V for a low-rank weight)."""
+        return _resolve(self.module, self.param)
+
+    def _kernel(self, t: Tensor) -> int:
+        return t[0, 0].numel() if t.dim() > 2 else 1
+
+    def reduce(self, t: Tensor, how: str = "sq") -> Tensor:
+        """Per-neuron sum of squares (``how="sq"``) or of absolute values (``"abs"``) of the entries in ``t``."""
+        e = t * t if how == "sq" else t.abs()
+        if self.dim == 0:
+            return e.reshape(e.shape[0], -1).sum(1)
+        cols = e.sum(0)  # column sums are a strided reduction over rows; cheaper than vector_norm(dim=0)
+        if cols.dim() > 1:
+            cols = cols.reshape(cols.shape[0], -1).sum(1)
+        return cols if self.index is None else cols[self.index].sum(1)
+
+    def entries(self, t: Tensor) -> Tensor:
+        """The neuron entries as a ``[K, M]`` matrix (differentiable; used by the autograd paths)."""
+        if self.dim == 0:
+            return t.reshape(t.shape[0], -1)
+        cols = t.transpose(0, 1).reshape(t.shape[1], -1)
+        if self.index is None:
+            return cols
+        return cols[self.index.reshape(-1)].reshape(self.index.shape[0], -1)
+
+    def broadcast(self, s: Tensor, t: Tensor, fill: float = 1.0) -> Tensor:
+        """Expand a per-neuron vector ``s`` [K] to a multiplier broadcastable to ``t`` (``fill`` off the neurons)."""
+        if self.dim == 0:
+            return s.reshape(-1, *([1] * (t.dim() - 1)))
+        if self.index is None:
+            full = s
+        else:
+            full = torch.full((t.shape[1],), fill, dtype=s.dtype, device=s.device)
+            full[self.index] = s.unsqueeze(1).to(full.dtype)
+        return full.reshape(1, -1, *([1] * (t.dim() - 2)))
+
+    # -- writing (in place, routed to the real parameters) ---------------------------------------------------
+    def _lowrank(self) -> tuple[Tensor, Tensor] | None:
+        return low_rank_factors(self.module) if self.param == "weight" else None
+
+    @torch.no_grad()
+    def scale_(self, s: Tensor) -> None:
+        """Multiply neuron k's entries by ``s[k]`` in place."""
+        f = self._lowrank()
+        if f is None:
+            p = self.tensor()
+            p.mul_(self.broadcast(s.to(p.dtype), p))
+            return
+        u, v = f
+        if self.dim == 0:
+            u.mul_(s.to(u.dtype).unsqueeze(1))
+        else:
+            w = self.tensor()
+            col = self.broadcast(s.to(v.dtype), w).reshape(-1)
+            v.mul_(col.repeat_interleave(self._kernel(w)).unsqueeze(0))
+
+    @torch.no_grad()
+    def add_scaled_grad_(self, coef: Tensor, sign: bool = False) -> None:
+        """Add ``coef[k] * e`` to the gradient of every entry ``e`` of neuron k (``coef[k] * sign(e)`` with ``sign``).
+
+        This is the closed-form gradient of the seminorm and of weight decay, added without an autograd graph.
+        For a low-rank weight the dense gradient G is routed to the factors (U.grad += G V^T, V.grad += U^T G).
+        """
+        t = self.tensor()
+        m = self.broadcast(coef.to(t.dtype), t, fill=0.0)
+        f = self._lowrank()
+        if f is None:
+            if t.grad is None:
+                t.grad = torch.zeros_like(t)
+            if sign:
+                t.grad.add_(t.sign().mul_(m))
+            else:
+                t.grad.addcmul_(t, m)
+            return
+        u, v = f
+        g2 = (t.sign() * m if sign else t * m).reshape(u.shape[0], -1)
+        for p, g in ((u, g2 @ v.T), (v, u.T @ g2)):
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            p.grad.add_(g)
+
+    @torch.no_grad()
+    def soft_threshold_(self, tau: float | Tensor) -> None:
+        """Elementwise soft-threshold of the neuron entries (the q=1 prox); plain weights only."""
+        if self._lowrank() is not None:
+            raise NotImplementedError(
+                f"q=1 prox on the low-rank weight of '{self.module_name}' is not supported (use q=2)"
+            )
+        p = self.tensor()
+        shrunk = p.sign() * (p.abs() - tau).clamp_min(0)
+        if self.dim == 0 or self.index is None:
+            p.copy_(shrunk)
+        else:
+            cols = self.index.reshape(-1)
+            p[:, cols] = shrunk[:, cols]
+
+
+class NeuronGroup:
+    """One group of neurons found by :func:`find_neurons`.
+
+    Attributes:
+        name: the group's name (its producer's module name; ``"<module>:rank"`` for low-rank components).
+        producers: sorted module names of the Linear/Conv layers that make the pre-activation.
+        norms: the BatchNorm module name between each producer and the activation, or None (aligned with
+            ``producers``).
+        activation: ``"relu"``, ``"leaky_relu"``, ``"prelu"`` or ``"identity"`` (low-rank components).
+        consumers: sorted module names of every Linear/Conv that reads the activation.
+        num_neurons: number of neurons K.
+        w_slots, b_slots, v_slots: where w_k, b_k and v_k live (see :class:`Slot`).
+
+    """
+
+    def __init__(
+        self,
+        name: str,
+        producers: Sequence[str],
+        norms: Sequence[str | None],
+        activation: str,
+        consumers: Sequence[str],
+        num_neurons: int,
+        w_slots: Sequence[Slot],
+        b_slots: Sequence[Slot],
+        v_slots: Sequence[Slot],
+    ) -> None:
+        self.name = name
+        self.producers = tuple(producers)
+        self.norms = tuple(norms)
+        self.activation = activation
+        self.consumers = tuple(consumers)
+        self.num_neurons = num_neurons
+        self.w_slots = tuple(w_slots)
+        self.b_slots = tuple(b_slots)
+        self.v_slots = tuple(v_slots)
+
+    @property
+    def producer(self) -> str:
+        """The first producer (the only one unless the pre-activation is a sum)."""
+        return self.producers[0]
+
+    @property
+    def norm(self) -> str | None:
+        """The BatchNorm between the (first) producer and the activation, or None."""
+        return next((n for n in self.norms if n is not None), None)
+
+    def slots(self) -> tuple[Slot, ...]:
+        """All slots: w, bias, v."""
+        return self.w_slots + self.b_slots + self.v_slots
+
+    def parameters(self) -> list[Tensor]:
+        """The distinct leaf parameters this group reads or writes."""
+        seen: dict[int, Tensor] = {}
+        for s in self.slots():
+            f = s._lowrank()
+            for p in f if f is not None else (s.tensor(),):
+                seen.setdefault(id(p), p)
+        return list(seen.values())
+
+    def __repr__(self) -> str:
+        norm = f", norm={self.norm!r}" if self.norm else ""
+        return (
+            f"NeuronGroup({self.name!r}, producers={self.producers}{norm}, activation={self.activation!r}, "
+            f"consumers={self.consumers}, num_neurons={self.num_neurons})"
+        )
+
+
+class NeuronGroups(Sequence[NeuronGroup]):
+    """The groups found in a model (a sequence, also indexable by group name) and what was skipped, and why."""
+
+    def __init__(self, groups: Sequence[NeuronGroup], skipped: Sequence[tuple[str, str]] = ()) -> None:
+        self._groups = list(groups)
+        self.skipped: list[tuple[str, str]] = list(skipped)
+
+    @overload
+    def __getitem__(self, i: int) -> NeuronGroup: ...
+    @overload
+    def __getitem__(self, i: slice) -> Sequence[NeuronGroup]: ...
+    @overload
+    def __getitem__(self, i: str) -> NeuronGroup: ...
+    def __getitem__(self, i: Any) -> Any:
+        if isinstance(i, str):
+            for g in self._groups:
+                if g.name == i:
+                    return g
+            raise KeyError(f"no group named {i!r}; groups: {[g.name for g in self._groups]}")
+        return self._groups[i]
+
+    def __len__(self) -> int:
+        return len(self._groups)
+
+    def __iter__(self) -> Iterator[NeuronGroup]:
+        return iter(self._groups)
+
+    @property
+    def names(self) -> list[str]:
+        """Group names in order."""
+        return [g.name for g in self._groups]
+
+    def __str__(self) -> str:
+        rows = [("group", "neurons", "activation", "producers", "norm", "consumers")]
+        for g in self._groups:
+            rows.append(
+                (
+                    g.name,
+                    str(g.num_neurons),
+                    g.activation,
+                    ", ".join(g.producers),
+                    g.norm or "-",
+                    ", ".join(g.consumers),
+                )
+            )
+        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+        lines = [f"{len(self._groups)} neuron group(s), {sum(g.num_neurons for g in self._groups)} neurons"]
+        lines += ["  " + "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+        if self.skipped:
+            lines.append(f"skipped {len(self.skipped)}:")
+            lines += [f"  {name}: {why}" for name, why in self.skipped]
+        return "\n".join(lines)
+
+    def __repr__(self) -> str:
+        return f"NeuronGroups({self.names}, skipped={len(self.skipped)})"
+
+
+# ------------------------------------------------------------------------------------------------------------
+# discovery
+# ------------------------------------------------------------------------------------------------------------
+class _Skip(Exception):
+    pass
+
+
+class _Analysis:
+    def __init__(self, trace: Trace, root: nn.Module) -> None:
+        self.t = trace
+        self.root = root
+        self.modules = dict(root.named_modules())
+
+    def module_of(self, op: Op, types: tuple[type, ...]) -> tuple[str, nn.Module]:
+        name = op.module
+        mod = self.modules.get(name) if name is not None else None
+        if mod is None or not isinstance(mod, types):
+            raise _Skip(f"'{op.name}' is called outside a {types[0].__name__.rstrip('123d')} module ({name})")
+        if self.t.calls.get(name, 0) != 1:
+            raise _Skip(f"module '{name}' is called {self.t.calls.get(name, 0)} times (shared weights)")
+        return name, mod
+
+    # -- producer side ---------------------------------------------------------------------------------------
+    def producers(self, vid: int) -> list[tuple[str, nn.Module, str | None, nn.Module | None]]:
+        value = self.t.values[vid]
+        if value.producer is None:
+            raise _Skip("the pre-activation comes straight from an input or a parameter-free path")
+        if len(value.uses) != 1:
+            raise _Skip("the pre-activation (or a branch of its sum) is also read elsewhere, e.g. by a residual stream")
+        op = self.t.ops[value.producer]
+        if op.kind == "norm":
+            bn_name, bn = self.module_of(op, _BN)
+            if bn.weight is None:
+                raise _Skip(f"BatchNorm '{bn_name}' has affine=False (no gamma to rescale)")
+            inner = op.data_input()
+            pop = self.t.ops[self.t.values[inner].producer] if inner is not None else None  # type: ignore[index]
+            if pop is None or pop.kind not in ("linear", "conv"):
+                raise _Skip(f"BatchNorm '{bn_name}' does not read a Linear/Conv output")
+            name, mod = self.module_of(pop, (nn.Linear, *_CONV))
+            return [(name, mod, bn_name, bn)]
+        if op.kind in ("linear", "conv"):
+            name, mod = self.module_of(op, (nn.Linear, *_CONV))
+            return [(name, mod, None, None)]
+        if op.kind == "add":
+            if len(op.inputs) != 2 or op.kwargs.get("alpha", 1) != 1:
+                raise _Skip("the pre-activation adds a constant (not positively homogeneous)")
+            out = []
+            for v in op.inputs:
+                p = self.t.values[v].producer
+                if p is None or self.t.ops[p].kind not in ("linear", "conv", "norm", "add"):
+                    raise _Skip("the pre-activation also flows through a parameter-free path (identity skip)")
+                out += self.producers(v)
+            return out
+        raise _Skip(f"the pre-activation comes from unsupported op '{op.name}'")
+
+    # -- consumer side ---------------------------------------------------------------------------------------
+    def consumers(self, act: Op, k: int, ch_dim: int) -> list[tuple[str, nn.Module, Tensor]]:
+        out_vid = act.outputs[0]
+        shape = self.t.values[out_vid].shape
+        if len(shape) <= ch_dim % len(shape) or shape[ch_dim] != k:
+            raise _Skip(f"activation shape {tuple(shape)} does not have the producer's {k} channels at dim {ch_dim}")
+        view = [1] * len(shape)
+        view[ch_dim] = k
+        labels = {out_vid: torch.arange(1, k + 1, dtype=torch.float32).reshape(view).expand(shape)}
+        found: list[tuple[str, nn.Module, Tensor]] = []
+        for op in self.t.ops[act.index + 1 :]:
+            reached = [v for v in op.inputs if v in labels]
+            if not reached:
+                continue
+            if op.kind in ("linear", "conv"):
+                if op.data_input() not in labels or len(reached) > 1:
+                    raise _Skip(f"the activation is used as a weight of '{op.name}'")
+                found.append(self.consumer(op, labels[reached[0]]))
+                continue
+            new = self.propagate(op, labels)
+            for vid, lab in zip(op.outputs, new):
+                labels[vid] = lab
+        for vid in labels:
+            if not self.t.values[vid].uses:
+                raise _Skip("the activation reaches the model output without a Linear/Conv in between")
+        if not found:
+            raise _Skip("no Linear/Conv reads the activation")
+        return found
+
+    def propagate(self, op: Op, labels: dict[int, Tensor]) -> list[Tensor]:
+        def sub(obj: Any) -> Any:
+            if isinstance(obj, Ref):
+                return labels[obj.vid] if obj.vid in labels else torch.zeros(obj.shape)
+            if isinstance(obj, (list, tuple)):
+                return type(obj)(sub(o) for o in obj)
+            return obj
+
+        if op.kind == "add":
+            raise _Skip(f"the activation output also flows through a parameter-free path ('{op.name}', identity skip)")
+        if op.kind in ("layout", "cat"):
+            out = op.func(*sub(op.args), **sub(op.kwargs))
+            return list(out) if isinstance(out, (list, tuple)) else [out]
+        x = labels[op.inputs[0]]
+        if op.kind == "dropout":
+            return [x]
+        if op.kind == "pool":  # channel-preserving: every output position of channel c carries c's label
+            flat = x.reshape(*x.shape[:2], -1)
+            if not bool((flat.amax(-1) == flat.amin(-1)).all()):
+                raise _Skip(f"'{op.name}' pools over positions of different neurons")
+            shape = self.t.values[op.outputs[0]].shape
+            return [flat[..., 0].reshape(*flat.shape[:2], *([1] * (len(shape) - 2))).expand(shape)]
+        if op.kind == "reduce":
+            dim = op.args[1] if len(op.args) > 1 else op.kwargs.get("dim")
+            keep = op.args[2] if len(op.args) > 2 else op.kwargs.get("keepdim", False)
+            if dim is None:
+                dim = tuple(range(x.dim()))
+            hi, lo = x.amax(dim, keepdim=keep), x.amin(dim, keepdim=keep)
+            return [torch.where(hi == lo, hi, torch.full_like(hi, -1.0))]
+        raise _Skip(f"the activation output is read by unsupported op '{op.name}'")
+
+    def consumer(self, op: Op, lab: Tensor) -> tuple[str, nn.Module, Tensor]:
+        name, mod = self.module_of(op, (nn.Linear, *_CONV))
+        if isinstance(mod, nn.Linear):
+            per = lab.reshape(-1, lab.shape[-1])
+        else:
+            if mod.groups != 1:
+                raise _Skip(f"consumer '{name}' is a grouped convolution (groups={mod.groups})")
+            per = lab.transpose(0, 1).reshape(lab.shape[1], -1).T
+        if not bool((per == per[0]).all()) or bool((per[0] < 0).any()):
+            raise _Skip(f"consumer '{name}' reads positions that mix several neurons")
+        feat = per[0].long()
+        cols = torch.nonzero(feat > 0).flatten()
+        order = torch.argsort(feat[cols], stable=True)
+        cols, owners = cols[order], feat[cols][order]
+        counts = torch.bincount(owners - 1, minlength=int(feat.max()))
+        if counts.numel() == 0 or not bool((counts == counts[0]).all()) or counts[0] == 0:
+            raise _Skip(f"consumer '{name}' reads the neurons unevenly (some channels are sliced away)")
+        return name, mod, cols.reshape(counts.numel(), -1)
+
+    # -- groups ----------------------------------------------------------------------------------------------
+    def group(self, act: Op) -> NeuronGroup:
+        pre = act.data_input()
+        if pre is None:
+            raise _Skip("activation input is not a recorded tensor")
+        prods = self.producers(pre)
+        k = prods[0][1].weight.shape[0]
+        if any(m.weight.shape[0] != k for _, m, _, _ in prods):
+            raise _Skip("summed producers have different widths")
+        ch_dim = -1 if isinstance(prods[0][1], nn.Linear) else 1
+        cons = self.consumers(act, k, ch_dim)
+        w_slots, b_slots, v_slots = [], [], []
+        for name, mod, bn_name, bn in sorted(prods, key=lambda p: p[0]):
+            reg = not is_null_space(mod)
+            owner, owner_name = (bn, bn_name) if bn is not None else (mod, name)
+            w_slots.append(Slot(owner, owner_name, "weight", 0, regularized=reg))  # type: ignore[arg-type]
+            if owner.bias is not None:  # type: ignore[union-attr]
+                b_slots.append(Slot(owner, owner_name, "bias", 0, regularized=False))  # type: ignore[arg-type]
+        names = set()
+        for name, mod, idx in sorted(cons, key=lambda c: c[0]):
+            if name in names:
+                raise _Skip(f"consumer '{name}' reads the activation twice")
+            names.add(name)
+            trivial = (
+                idx.shape[1] == 1
+                and idx.shape[0] == mod.weight.shape[1]
+                and bool((idx.flatten() == torch.arange(idx.shape[0])).all())
+            )
+            v_slots.append(Slot(mod, name, "weight", 1, None if trivial else idx, regularized=not is_null_space(mod)))
+        producers = sorted(p[0] for p in prods)
+        norms = [bn for _, _, bn, _ in sorted(prods, key=lambda p: p[0])]
+        return NeuronGroup(
+            "+".join(producers), producers, norms, ACTIVATIONS[act.name], sorted(names), k, w_slots, b_slots, v_slots
+        )
+
+
+def _low_rank_groups(root: nn.Module) -> list[NeuronGroup]:
+    groups = []
+    for name, mod in root.named_modules():
+        f = low_rank_factors(mod)
+        if f is None:
+            continue
+        r = f[0].shape[1]
+        w = Slot(mod, name, "parametrizations.weight.original1", 0)
+        v = Slot(mod, name, "parametrizations.weight.original0", 1)
+        groups.append(NeuronGroup(f"{name}:rank", [name], [None], "identity", [name], r, [w], [], [v]))
+    return groups
+
+
+def analyze(trace: Trace, root: nn.Module, targets: Targets = None, exclude: Targets = None) -> NeuronGroups:
+    """Turn a recorded trace of ``root`` into neuron groups (used by :func:`find_neurons` and the callbacks)."""
+    a = _Analysis(trace, root)
+    groups: list[NeuronGroup] = []
+    skipped: list[tuple[str, str]] = []
+    for op in trace.ops:
+        if op.kind != "act":
+            continue
+        where = op.module or "<root>"
+        label = f"{op.name} (op {op.index} in '{where}')"
+        try:
+            groups.append(a.group(op))
+        except _Skip as why:
+            skipped.append((label, str(why)))
+    groups += _low_rank_groups(root)
+    if targets is not None or exclude is not None:
+        candidates = list(dict.fromkeys(p for g in groups for p in (*g.producers, g.name)))
+        picked = set(select_names(candidates, targets, exclude))
+        kept = []
+        for g in groups:
+            if g.name in picked or any(p in picked for p in g.producers):
+                kept.append(g)
+            else:
+                skipped.append((g.name, "not selected by targets/exclude"))
+        groups = kept
+    return NeuronGroups(groups, skipped)
+
+
+def find_neurons(
+    model: nn.Module, example_input: Tensor | tuple[Any, ...], *, targets: Targets = None, exclude: Targets = None
+) -> NeuronGroups:
+    """Find every group of positively homogeneous neurons (ReLU, LeakyReLU, PReLU) in ``model``.
+
+    Runs ``model(example_input)`` (or ``model(*example_input)`` for a tuple) once and reads the real dataflow, so
+    models with data-dependent Python control flow work. The model is left as it was: buffers (BatchNorm running
+    statistics) and the random number generator state are restored.
+
+    Args:
+        model: any ``nn.Module``.
+        example_input: a tensor, or a tuple of positional arguments.
+        targets: keep only groups whose producer (or name) matches: a str is a regex on the full module name, a
+            list matches exactly or by ``.suffix``.
+        exclude: drop groups matching this rule (same form); wins over ``targets``.
+
+    Returns:
+        NeuronGroups: the groups, with ``.skipped`` listing every activation left out and why.
+
+    Example:
+        >>> net = nn.Sequential(nn.Linear(3, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 1))
+        >>> groups = find_neurons(net, torch.randn(4, 3))
+        >>> [(g.producer, g.consumers, g.num_neurons) for g in groups]
+        [('0', ('2',), 8), ('2', ('4',), 8)]
+
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"`model` must be an nn.Module, got {type(model).__name__}")
+    if not isinstance(example_input, (Tensor, tuple)):
+        raise TypeError(
+            f"`example_input` must be a tensor or a tuple of positional arguments, got {type(example_input).__name__}"
+        )
+    args = example_input if isinstance(example_input, tuple) else (example_input,)
+    buffers = {
+        k: v.detach().clone() for k, v in model.state_dict(keep_vars=True).items() if not isinstance(v, nn.Parameter)
+    }
+    trace = Trace(model)
+    try:
+        with torch.random.fork_rng(devices=[]), torch.enable_grad():
+            trace.start()
+            try:
+                model(*args)
+            finally:
+                trace.stop()
+    finally:
+        model.load_state_dict(buffers, strict=False)
+    return analyze(trace, model, targets, exclude)

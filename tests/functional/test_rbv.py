@@ -1,0 +1,235 @@
+import copy
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from lightning_bv import (
+    add_rbv_grad_,
+    add_weight_decay_grad_,
+    balance_,
+    find_neurons,
+    group_norms,
+    neuron_scores,
+    neuron_weight_decay,
+    prox_,
+    rbv_norm,
+)
+
+
+def tv_of_derivative(f, lo, hi, n=200_001):
+    """TV(f') of a 1-D function measured on the function itself: the sum of slope jumps on a fine grid."""
+    x = torch.linspace(lo, hi, n, dtype=torch.float64).unsqueeze(1)
+    with torch.no_grad():
+        y = f(x).squeeze(1)
+    slopes = torch.diff(y) / torch.diff(x.squeeze(1))
+    return torch.diff(slopes).abs().sum().item()
+
+
+def shallow_1d(weights, biases, outs):
+    net = nn.Sequential(nn.Linear(1, len(weights)), nn.ReLU(), nn.Linear(len(weights), 1)).double()
+    with torch.no_grad():
+        net[0].weight.copy_(torch.tensor(weights, dtype=torch.float64).unsqueeze(1))
+        net[0].bias.copy_(torch.tensor(biases, dtype=torch.float64))
+        net[2].weight.copy_(torch.tensor(outs, dtype=torch.float64).unsqueeze(0))
+    return net
+
+
+def test_rbv_norm_equals_tv_of_derivative_in_1d():
+    torch.manual_seed(0)
+    k = 16
+    net = nn.Sequential(nn.Linear(1, k), nn.ReLU(), nn.Linear(k, 1)).double()
+    knots = -net[0].bias / net[0].weight.squeeze(1)
+    lo, hi = knots.min().item() - 1, knots.max().item() + 1
+    groups = find_neurons(net, torch.zeros(2, 1, dtype=torch.float64))
+    tv = tv_of_derivative(net, lo, hi)
+    assert rbv_norm(groups).item() == pytest.approx(tv, rel=1e-4)
+
+
+def test_equal_knots_merge_before_comparing():
+    # two neurons share the knot t=0.5 with opposite slope jumps: R counts both, TV(f') their merged jump
+    net = shallow_1d([1.0, 2.0, -1.0, 1.0], [-0.5, -1.0, 0.2, 1.0], [1.0, -0.75, 2.0, 0.5])
+    groups = find_neurons(net, torch.zeros(2, 1, dtype=torch.float64))
+    tv = tv_of_derivative(net, -3, 3)
+    r = rbv_norm(groups).item()
+    assert r == pytest.approx(1 + 1.5 + 2 + 0.5)
+    assert tv == pytest.approx(abs(1 - 1.5) + 2 + 0.5, rel=1e-4)
+    merged = shallow_1d([1.0, -1.0, 1.0], [-0.5, 0.2, 1.0], [1.0 - 1.5, 2.0, 0.5])  # same function
+    assert rbv_norm(find_neurons(merged, torch.zeros(1, 1, dtype=torch.float64))).item() == pytest.approx(tv, rel=1e-4)
+
+
+def mlp(widths, bn=False, leaky=False):
+    layers = []
+    for i, (a, b) in enumerate(zip(widths[:-1], widths[1:])):
+        layers.append(nn.Linear(a, b))
+        if i < len(widths) - 2:
+            if bn:
+                layers.append(nn.BatchNorm1d(b))
+            layers.append(nn.LeakyReLU(0.1) if leaky else nn.ReLU())
+    return nn.Sequential(*layers).double()
+
+
+def cnn():
+    return nn.Sequential(
+        nn.Conv2d(2, 5, 3, padding=1),
+        nn.BatchNorm2d(5),
+        nn.ReLU(),
+        nn.Conv2d(5, 4, 3),
+        nn.ReLU(),
+        nn.AvgPool2d(2),
+        nn.Flatten(),
+        nn.Linear(36, 6),
+        nn.ReLU(),
+        nn.Linear(6, 3),
+    ).double()
+
+
+MODELS = {
+    "mlp": (lambda: mlp([3, 9, 7, 2]), (6, 3)),
+    "mlp_bn_leaky": (lambda: mlp([3, 9, 7, 2], bn=True, leaky=True), (6, 3)),
+    "cnn": (cnn, (3, 2, 8, 8)),
+}
+
+
+def randomize_bn(model):
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm1d | nn.BatchNorm2d):
+            with torch.no_grad():
+                m.weight.uniform_(-2, 2)
+                m.bias.normal_()
+                m.running_mean.normal_()
+                m.running_var.uniform_(0.5, 2)
+
+
+@pytest.mark.parametrize("q", [1, 2])
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_balance_and_prox_zero_preserve_function(name, q):
+    torch.manual_seed(1)
+    make, shape = MODELS[name]
+    model = make()
+    randomize_bn(model)
+    model.eval()
+    x = torch.randn(*shape, dtype=torch.float64)
+    groups = find_neurons(model, x)
+    y0 = model(x)
+    # in a chain the middle matrices are shared between groups, so R itself may move; the function may not
+    balance_(groups, q)
+    assert (model(x) - y0).abs().max().item() <= 1e-5
+    prox_(groups, 0.0, q)
+    assert (model(x) - y0).abs().max().item() <= 1e-5
+    # the last group owns its consumer alone: its scores are invariant under its own rescaling
+    last = groups[-1]
+    s0 = neuron_scores(last, q)[last.name]
+    balance_(last, q)
+    torch.testing.assert_close(neuron_scores(last, q)[last.name], s0)
+
+
+def test_balance_makes_weight_decay_equal_rbv_norm():
+    torch.manual_seed(2)
+    # blocks separated by a linear bottleneck: no weight matrix is shared between groups
+    net = nn.Sequential(
+        nn.Linear(3, 10), nn.ReLU(), nn.Linear(10, 2), nn.Linear(2, 10), nn.ReLU(), nn.Linear(10, 1)
+    ).double()
+    groups = find_neurons(net, torch.randn(2, 3, dtype=torch.float64))
+    for q in (1, 2):
+        assert neuron_weight_decay(groups, q).item() > rbv_norm(groups, q).item()
+        balance_(groups, q)
+        assert neuron_weight_decay(groups, q).item() == pytest.approx(rbv_norm(groups, q).item(), rel=1e-12)
+        w, v = group_norms(groups[0], q)
+        assert torch.allclose(w, v)
+
+
+@pytest.mark.parametrize("q", [1, 2])
+def test_prox_zeroes_exactly_the_small_neurons(q):
+    torch.manual_seed(3)
+    net = mlp([4, 30, 3])
+    x = torch.randn(5, 4, dtype=torch.float64)
+    groups = find_neurons(net, x)
+    g = groups[0]
+    scores = neuron_scores(groups, q)[g.name]  # after normalizing, ||v_k|| equals the score
+    tau = scores.median().item()
+    prox_(groups, tau, q)
+    w, v = group_norms(g, q)
+    assert torch.allclose(w, torch.ones_like(w))
+    dead = v == 0
+    if q == 2:
+        assert torch.equal(dead, scores <= tau)
+        assert torch.allclose(v[~dead], scores[~dead] - tau)
+    else:  # elementwise: a neuron dies when every |entry| <= tau
+        normalized = net[2].weight.detach().abs()
+        assert dead.sum() >= 1
+        assert (normalized[:, dead] == 0).all()
+
+
+def test_prox_rejects_negative_tau_and_bad_q():
+    groups = find_neurons(mlp([2, 3, 1]), torch.randn(1, 2, dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"`tau` must be >= 0, got -1\.0"):
+        prox_(groups, -1.0)
+    with pytest.raises(ValueError, match=r"`q` must be 1 or 2.*got 3"):
+        rbv_norm(groups, q=3)
+
+
+@pytest.mark.parametrize("q", [1, 2])
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_closed_form_gradients_match_autograd(name, q):
+    torch.manual_seed(4)
+    make, shape = MODELS[name]
+    model = make()
+    randomize_bn(model)
+    x = torch.randn(*shape, dtype=torch.float64)
+    groups = find_neurons(model, x)
+    lam = 0.3
+    (lam * rbv_norm(groups, q)).backward()
+    expected = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    add_rbv_grad_(groups, lam, q)
+    got = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    assert got.keys() == expected.keys()
+    for n in expected:
+        torch.testing.assert_close(got[n], expected[n], msg=n)
+    model.zero_grad(set_to_none=True)
+    (lam * neuron_weight_decay(groups, 2)).backward()
+    expected = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    add_weight_decay_grad_(groups, lam)
+    for n, p in model.named_parameters():
+        if n in expected:
+            torch.testing.assert_close(p.grad, expected[n], msg=n)
+        else:
+            assert p.grad is None, n  # biases and everything ungrouped untouched
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    widths=st.lists(st.integers(1, 12), min_size=2, max_size=5),
+    bn=st.booleans(),
+    q=st.sampled_from([1, 2]),
+    tau_frac=st.floats(0.0, 1.5),
+    seed=st.integers(0, 2**16),
+)
+def test_property_random_mlps(widths, bn, q, tau_frac, seed):
+    torch.manual_seed(seed)
+    model = mlp([3, *widths, 2], bn=bn)
+    randomize_bn(model)
+    model.eval()
+    x = torch.randn(4, 3, dtype=torch.float64)
+    groups = find_neurons(model, x)
+    assert len(groups) == len(widths)
+    y0 = model(x)
+    balance_(groups, q)
+    assert (model(x) - y0).abs().max().item() <= 1e-5
+    before = copy.deepcopy(model.state_dict())
+    prox_(groups, 0.0, q)
+    assert (model(x) - y0).abs().max().item() <= 1e-5
+    model.load_state_dict(before)
+    g = groups[-1]  # the last group's consumer is the output layer: no later group rescales it
+    tau = tau_frac * neuron_scores(g, q)[g.name].max().item()
+    scores = neuron_scores(g, q)[g.name]
+    prox_(g, tau, q)
+    _, v = group_norms(g, q)
+    if q == 2:
+        assert torch.equal(v == 0, scores <= tau)
+    else:
+        assert bool((v[scores <= tau] == 0).all())
