@@ -161,13 +161,14 @@ class Slot:
 
     @torch.no_grad()
     def soft_threshold_(self, tau: float | Tensor) -> None:
-        """Elementwise soft-threshold of the neuron entries (the q=1 prox); plain weights only."""
+        """Elementwise soft-threshold of the neuron entries (the q=1 prox); ``tau`` is a scalar or one per neuron."""
         if self._lowrank() is not None:
             raise NotImplementedError(
                 f"q=1 prox on the low-rank weight of '{self.module_name}' is not supported (use q=2)"
             )
         p = self.tensor()
-        shrunk = p.sign() * (p.abs() - tau).clamp_min(0)
+        thr = self.broadcast(tau, p) if isinstance(tau, Tensor) and tau.dim() == 1 else tau
+        shrunk = p.sign() * (p.abs() - thr).clamp_min(0)
         if self.dim == 0 or self.index is None:
             p.copy_(shrunk)
         else:

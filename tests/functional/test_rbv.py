@@ -165,7 +165,7 @@ def test_prox_zeroes_exactly_the_small_neurons(q):
 
 def test_prox_rejects_negative_tau_and_bad_q():
     groups = find_neurons(mlp([2, 3, 1]), torch.randn(1, 2, dtype=torch.float64))
-    with pytest.raises(ValueError, match=r"`tau` must be >= 0, got -1\.0"):
+    with pytest.raises(ValueError, match=r"`tau` must be a finite value >= 0, got -1\.0"):
         prox_(groups, -1.0)
     with pytest.raises(ValueError, match=r"`q` must be 1 or 2.*got 3"):
         rbv_norm(groups, q=3)

@@ -1,0 +1,212 @@
+"""PathNormRegularization: train on loss + lam * sum_k ||v_k||_q ||w_k||_2 over every ReLU neuron of the model."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.utilities import rank_zero_warn
+from torch import Tensor
+from typing_extensions import override
+
+from lightning_bv._select import Targets, _check_targets
+from lightning_bv._trace import Trace
+from lightning_bv.callbacks._base import CallbackBase, refuse_unsupported
+from lightning_bv.functional.rbv import add_rbv_grad_, add_weight_decay_grad_, group_norms, prox_
+from lightning_bv.neurons import NeuronGroup, NeuronGroups, analyze, find_neurons
+
+MODES = ("prox", "penalty", "weight_decay")
+
+
+class PathNormRegularization(CallbackBase):
+    r"""Regularize every ReLU neuron the library finds with the R-BV^2 seminorm (THEORY.md sections 2-4).
+
+    The groups are discovered from the first real training step (no example input, no change to the model), or
+    from ``example_input`` / the module's ``example_input_array`` when given.
+
+    Modes:
+        * ``"prox"`` (default): after each optimizer step, a function-preserving normalize then the proximal
+          shrink of ``tau * R`` with ``tau = lam * lr`` of the optimizer's parameter group holding the neurons'
+          output weights. Unneeded neurons become exactly zero (see :func:`lightning_bv.compact`).
+        * ``"penalty"``: adds ``lam * grad R`` to the gradients in ``on_before_optimizer_step`` (after DDP
+          averaging, accumulation and AMP unscaling; before gradient clipping, so it is clipped with the rest).
+        * ``"weight_decay"``: adds the gradient of ``lam/2 * sum(||v||^2 + ||w||^2)`` over the grouped weights
+          only (biases and everything else untouched); equal to ``R`` at balance (THEORY.md section 3).
+
+    Args:
+        lam: regularization strength ``>= 0``, or a callable of the global step returning it (use a picklable
+            class instance, not a lambda, with ``strategy="ddp_spawn"``).
+        q: norm on each neuron's output weights, 1 or 2.
+        mode: ``"prox"``, ``"penalty"`` or ``"weight_decay"``.
+        targets: only the groups whose producer matches (a str is a regex on the full module name, a list
+            matches exactly or by ``.suffix``).
+        exclude: groups to leave out (same rule; wins over ``targets``).
+        every_n_steps: apply the update every ``n`` optimizer steps with ``n`` times the strength (lazy
+            regularization, as StyleGAN2 does for R1); divides the cost by ``n``.
+        example_input: discover the groups by running the module on this at ``setup`` instead of on the first
+            training step.
+        log_every_n_steps: how often ``bv/rbv_norm``, ``bv/active_neurons`` and ``bv/active_fraction`` are
+            computed and logged (None: the Trainer's ``log_every_n_steps``).
+
+    Example:
+        >>> import pytorch_lightning as pl
+        >>> trainer = pl.Trainer(callbacks=[PathNormRegularization(lam=1e-3)], max_epochs=1, logger=False)
+    """
+
+    def __init__(
+        self,
+        lam: float | Callable[[int], float],
+        q: int = 2,
+        mode: str = "prox",
+        targets: Targets = None,
+        exclude: Targets = None,
+        every_n_steps: int = 1,
+        example_input: Tensor | tuple[Any, ...] | None = None,
+        log_every_n_steps: int | None = None,
+    ) -> None:
+        if not callable(lam) and (
+            isinstance(lam, bool) or not isinstance(lam, (int, float)) or not math.isfinite(lam) or lam < 0
+        ):
+            raise ValueError(f"`lam` must be a finite float >= 0 or a callable of the global step, got {lam!r}")
+        if q not in (1, 2) or isinstance(q, bool):
+            raise ValueError(f"`q` must be 1 or 2 (the norm on each neuron's output weights), got {q!r}")
+        if mode not in MODES:
+            raise ValueError(f"`mode` must be one of {MODES}, got {mode!r}")
+        if isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int) or every_n_steps < 1:
+            raise ValueError(f"`every_n_steps` must be an int >= 1, got {every_n_steps!r}")
+        if log_every_n_steps is not None and (not isinstance(log_every_n_steps, int) or log_every_n_steps < 1):
+            raise ValueError(f"`log_every_n_steps` must be None or an int >= 1, got {log_every_n_steps!r}")
+        _check_targets("targets", targets)
+        _check_targets("exclude", exclude)
+        self.lam = lam
+        self.q = q
+        self.mode = mode
+        self.targets = targets
+        self.exclude = exclude
+        self.every_n_steps = every_n_steps
+        self.example_input = example_input
+        self.log_every_n_steps = log_every_n_steps
+        self.groups: NeuronGroups | None = None
+        self._trace: Trace | None = None
+        self._steps = 0  # optimizer steps seen (for every_n_steps); saved in checkpoints
+        self._pending_lr: dict[str, float] | None = None
+
+    @property
+    @override
+    def state_key(self) -> str:
+        return self._generate_state_key(mode=self.mode, q=self.q, targets=self.targets, exclude=self.exclude)
+
+    # -- discovery -------------------------------------------------------------------------------------------
+    def current_lam(self, step: int) -> float:
+        """``lam`` at this global step."""
+        lam = float(self.lam(step)) if callable(self.lam) else float(self.lam)
+        if not math.isfinite(lam) or lam < 0:
+            raise ValueError(f"`lam` returned {lam!r} at global step {step}; it must be a finite float >= 0")
+        return lam
+
+    def _found(self, groups: NeuronGroups) -> None:
+        self.groups = groups
+        if len(groups) == 0:
+            why = "; ".join(f"{n}: {r}" for n, r in groups.skipped) or "the model has no ReLU neurons"
+            rank_zero_warn(
+                f"PathNormRegularization found no neuron group to regularize; training goes on unchanged. "
+                f"Skipped: {why}"
+            )
+
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        refuse_unsupported(trainer, pl_module, type(self).__name__)
+        example = self.example_input
+        if example is None:
+            example = getattr(pl_module, "example_input_array", None)
+        if self.groups is None and example is not None:
+            self._found(find_neurons(pl_module, example, targets=self.targets, exclude=self.exclude))
+
+    @override
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, idx: int) -> None:
+        if self.groups is None and self._trace is None:
+            self._trace = Trace(pl_module).start()
+
+    def _finish_trace(self, pl_module: pl.LightningModule) -> None:
+        if self._trace is not None:
+            trace, self._trace = self._trace, None
+            trace.stop()
+            self._found(analyze(trace, pl_module, self.targets, self.exclude))
+
+    @override
+    def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Tensor) -> None:
+        self._finish_trace(pl_module)
+
+    @override
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        if self._trace is not None:
+            self._trace.stop()
+            self._trace = None
+
+    # -- the update ------------------------------------------------------------------------------------------
+    def _due(self) -> bool:
+        return self._steps % self.every_n_steps == 0
+
+    @staticmethod
+    def _lr_of(optimizer: Any) -> dict[int, float]:
+        return {id(p): float(g["lr"]) for g in optimizer.param_groups for p in g["params"]}
+
+    @override
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
+        self._finish_trace(pl_module)  # in case on_before_backward was not reached (e.g. a custom backward)
+        self._steps += 1
+        if not self.groups or not self._due():
+            return
+        lam = self.current_lam(trainer.global_step) * self.every_n_steps
+        if self.mode == "penalty":
+            add_rbv_grad_(self.groups, lam, self.q)
+        elif self.mode == "weight_decay":
+            add_weight_decay_grad_(self.groups, lam)
+        else:  # the lr used by this step (schedulers step before on_train_batch_end)
+            lrs = self._lr_of(optimizer)
+            self._pending_lr = {g.name: lam * lrs.get(id(self._lr_param(g)), 0.0) for g in self.groups}
+
+    @staticmethod
+    def _lr_param(group: NeuronGroup) -> Tensor:
+        slot = next(s for s in group.v_slots if s.regularized)
+        f = slot._lowrank()
+        return f[1] if f is not None else slot.tensor()
+
+    @override
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if self._pending_lr is not None and self.groups:
+            taus, self._pending_lr = self._pending_lr, None
+            prox_(self.groups, taus, self.q)
+        every = self.log_every_n_steps or trainer.log_every_n_steps
+        if self.groups is not None and every and trainer.global_step % every == 0:
+            self._log(pl_module)
+
+    @torch.no_grad()
+    def _log(self, pl_module: pl.LightningModule) -> None:
+        assert self.groups is not None
+        total, active, count = 0.0, 0, 0
+        for g in self.groups:
+            w, v = group_norms(g, self.q)
+            s = w * v
+            total += float(s.sum())
+            active += int((s > 0).sum())
+            count += g.num_neurons
+        pl_module.log("bv/rbv_norm", total, prog_bar=True, on_step=True, on_epoch=False)
+        pl_module.log("bv/active_neurons", float(active), prog_bar=True, on_step=True, on_epoch=False)
+        pl_module.log("bv/active_fraction", active / max(count, 1), on_step=True, on_epoch=False)
+
+    # -- checkpointing ---------------------------------------------------------------------------------------
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {"steps": self._steps, "mode": self.mode, "q": self.q}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._steps = int(state_dict.get("steps", 0))

@@ -1,0 +1,251 @@
+import copy
+import types
+
+import pytest
+import pytorch_lightning as pl
+import torch
+from helpers import MLPModule, SaveWeights, regression_data, trainer
+from torch import nn
+from torch.utils.data import DataLoader
+
+import lightning_bv as lbv
+from lightning_bv.callbacks import PathNormRegularization
+from lightning_bv.callbacks._base import refuse_unsupported
+
+
+def manual_run(module, mode, lam, steps, lr, q=2, accumulate=1):
+    """The same training as Lightning's, written out in plain PyTorch with the library's functions."""
+    model = copy.deepcopy(module.net)
+    groups = lbv.find_neurons(model, torch.randn(2, module.hparams.d))
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    batches = list(DataLoader(regression_data(module.hparams.n, module.hparams.d), batch_size=16))
+    it = iter(batches * 10)
+    for _ in range(steps):
+        opt.zero_grad()
+        for _ in range(accumulate):
+            x, y = next(it)
+            (nn.functional.mse_loss(model(x), y) / accumulate).backward()
+        if mode == "penalty":
+            (lam * lbv.rbv_norm(groups, q)).backward()
+        elif mode == "weight_decay":
+            (lam * lbv.neuron_weight_decay(groups, 2)).backward()
+        opt.step()
+        if mode == "prox":
+            lbv.prox_(groups, lam * lr, q)
+    return model
+
+
+class PlainSGD(MLPModule):
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=self.hparams.lr)
+
+
+@pytest.mark.parametrize(("mode", "q"), [("prox", 2), ("prox", 1), ("penalty", 2), ("penalty", 1), ("weight_decay", 2)])
+def test_matches_plain_pytorch_loop(mode, q):
+    torch.manual_seed(0)
+    module = PlainSGD(lr=0.05)
+    expected = manual_run(module, mode, lam=0.2, steps=6, lr=0.05, q=q)
+    cb = PathNormRegularization(lam=0.2, q=q, mode=mode)
+    trainer(callbacks=[cb], max_steps=6).fit(module)
+    for (n, p), e in zip(module.net.named_parameters(), expected.parameters()):
+        torch.testing.assert_close(p, e, atol=1e-5, rtol=1e-5, msg=n)
+    assert [g.name for g in cb.groups] == ["net.0", "net.2"]
+
+
+def test_gradient_accumulation_adds_penalty_once_per_optimizer_step():
+    torch.manual_seed(0)
+    module = PlainSGD(lr=0.05)
+    expected = manual_run(module, "penalty", lam=0.3, steps=3, lr=0.05, accumulate=2)
+    trainer(callbacks=[PathNormRegularization(lam=0.3, mode="penalty")], max_steps=3, accumulate_grad_batches=2).fit(
+        module
+    )
+    for p, e in zip(module.net.parameters(), expected.parameters()):
+        torch.testing.assert_close(p, e, atol=1e-5, rtol=1e-5)
+
+
+class ZeroLoss(PlainSGD):
+    """A loss with zero gradient: a step then moves the weights by -lr * (what the callback added) alone."""
+
+    def training_step(self, batch, batch_idx):
+        return 0.0 * self(batch[0]).sum()
+
+
+def penalty_grad(net, lam):
+    net64 = copy.deepcopy(net).double()
+    (lam * lbv.rbv_norm(lbv.find_neurons(net64, torch.zeros(1, 4, dtype=torch.float64)))).backward()
+    return [p.grad.float() if p.grad is not None else torch.zeros_like(p).float() for p in net64.parameters()]
+
+
+@pytest.mark.parametrize("precision", ["bf16-mixed", "16-mixed"])
+def test_mixed_precision_adds_an_unscaled_gradient(precision):
+    torch.manual_seed(0)
+    module = ZeroLoss(lr=0.1)
+    before = [p.detach().clone() for p in module.net.parameters()]
+    grads = penalty_grad(module.net, lam=0.5)
+    trainer(callbacks=[PathNormRegularization(lam=0.5, mode="penalty")], max_steps=1, precision=precision).fit(module)
+    for p, b, g in zip(module.net.parameters(), before, grads):
+        torch.testing.assert_close(p.detach(), b - 0.1 * g, atol=1e-6, rtol=1e-5)
+
+
+def test_gradient_clipping_clips_the_penalty_with_the_rest():
+    torch.manual_seed(0)
+    module = ZeroLoss(lr=0.1)
+    before = torch.cat([p.detach().flatten().clone() for p in module.net.parameters()])
+    grads = penalty_grad(module.net, lam=5.0)
+    assert torch.cat([g.flatten() for g in grads]).norm() > 1.0  # so clipping to 0.01 really acts
+    cb = PathNormRegularization(lam=5.0, mode="penalty")
+    trainer(callbacks=[cb], max_steps=1, gradient_clip_val=0.01, gradient_clip_algorithm="norm").fit(module)
+    after = torch.cat([p.detach().flatten() for p in module.net.parameters()])
+    assert (before - after).norm().item() == pytest.approx(0.1 * 0.01, rel=1e-3)
+
+
+def test_resume_matches_uninterrupted_fit(tmp_path):
+    def run(max_steps, ckpt=None, seed_model=None, folder="full"):
+        module = copy.deepcopy(seed_model)
+        cb = PathNormRegularization(lam=0.05, mode="prox", every_n_steps=3)
+        save = pl.callbacks.ModelCheckpoint(dirpath=tmp_path / folder, save_last=True, every_n_train_steps=1)
+        t = trainer(
+            callbacks=[cb, save],
+            max_steps=max_steps,
+            enable_checkpointing=True,
+        )
+        t.fit(module, ckpt_path=ckpt)
+        return module, cb
+
+    torch.manual_seed(0)
+    start = MLPModule(lr=0.05)
+    full, cb_full = run(12, seed_model=start)
+    # stop at an epoch boundary (4 batches an epoch): Lightning replays a part-done epoch's batches differently
+    run(8, seed_model=start, folder="part")
+    ckpt = torch.load(tmp_path / "part" / "last.ckpt", weights_only=True)
+    key = cb_full.state_key
+    assert ckpt["callbacks"][key]["steps"] == 8  # every_n_steps=3: the counter's phase matters
+    resumed, cb = run(12, ckpt=str(tmp_path / "part" / "last.ckpt"), seed_model=MLPModule(lr=0.05), folder="resumed")
+    assert cb._steps == 12
+    for p, e in zip(resumed.parameters(), full.parameters()):
+        torch.testing.assert_close(p, e, atol=1e-6, rtol=0)
+
+
+def test_logs_metrics_and_prox_makes_neurons_dead():
+    torch.manual_seed(0)
+    module = MLPModule(lr=0.05)
+    cb = PathNormRegularization(lam=0.5, mode="prox")
+    t = trainer(callbacks=[cb], max_steps=60)
+    t.fit(module)
+    m = t.callback_metrics
+    assert {"bv/rbv_norm", "bv/active_neurons", "bv/active_fraction"} <= m.keys()
+    scores = torch.cat(list(lbv.neuron_scores(cb.groups).values()))
+    assert m["bv/active_neurons"].item() == (scores > 0).sum().item() < 32
+    assert m["bv/rbv_norm"].item() == pytest.approx(scores.sum().item(), rel=1e-5)
+    assert "bv/rbv_norm" in t.progress_bar_metrics
+
+
+def test_lam_schedule_callable():
+    class Warmup:
+        def __call__(self, step):
+            return 0.0 if step < 5 else 1.0
+
+    torch.manual_seed(0)
+    module = PlainSGD(lr=0.05)
+    expected = manual_run(module, "penalty", lam=0.0, steps=5, lr=0.05)
+    trainer(callbacks=[PathNormRegularization(lam=Warmup(), mode="penalty")], max_steps=5).fit(module)
+    for p, e in zip(module.net.parameters(), expected.parameters()):
+        torch.testing.assert_close(p, e, atol=1e-6, rtol=1e-6)
+
+
+def test_example_input_array_discovers_at_setup():
+    module = MLPModule()
+    module.example_input_array = torch.randn(2, 4)
+    cb = PathNormRegularization(lam=0.1)
+    trainer(callbacks=[cb], max_steps=1).fit(module)
+    assert cb.groups.names == ["net.0", "net.2"]
+
+
+def test_every_n_steps_matches_k_times_strength():
+    torch.manual_seed(0)
+    module = PlainSGD(lr=0.05)
+    lazy = copy.deepcopy(module)
+    trainer(callbacks=[PathNormRegularization(lam=0.02, mode="prox")], max_steps=24).fit(module)
+    trainer(callbacks=[PathNormRegularization(lam=0.02, mode="prox", every_n_steps=4)], max_steps=24).fit(lazy)
+    r1 = lbv.rbv_norm(lbv.find_neurons(module.net, torch.randn(1, 4))).item()
+    r4 = lbv.rbv_norm(lbv.find_neurons(lazy.net, torch.randn(1, 4))).item()
+    assert r4 == pytest.approx(r1, rel=0.05)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"lam": -1.0}, r"`lam` must be a finite float >= 0 or a callable of the global step, got -1.0"),
+        ({"lam": float("nan")}, r"`lam` must be a finite float >= 0"),
+        ({"lam": "big"}, r"`lam` must be a finite float >= 0.*'big'"),
+        ({"lam": 0.1, "q": 3}, r"`q` must be 1 or 2.*got 3"),
+        ({"lam": 0.1, "mode": "l1"}, r"`mode` must be one of \('prox', 'penalty', 'weight_decay'\), got 'l1'"),
+        ({"lam": 0.1, "every_n_steps": 0}, r"`every_n_steps` must be an int >= 1, got 0"),
+        ({"lam": 0.1, "targets": 5}, r"`targets` must be None, a regex string or a list of module names, got 5"),
+        ({"lam": 0.1, "targets": "("}, r"`targets`='\(' is not a valid regular expression"),
+    ],
+)
+def test_bad_arguments(kwargs, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        PathNormRegularization(**kwargs)
+
+
+def test_targets_that_match_nothing_raise():
+    cb = PathNormRegularization(lam=0.1, targets=["nope"])
+    with pytest.raises(lbv.TargetsMatchNothingError, match=r"'nope' matched no module.*Available: \['net.0', 'net.2'\]"):
+        trainer(callbacks=[cb], max_steps=1).fit(MLPModule())
+
+
+def test_nothing_to_regularize_warns_and_trains_on():
+    class Linear(MLPModule):
+        def __init__(self):
+            super().__init__()
+            self.net = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1), nn.ReLU())
+
+    module = Linear()
+    before = copy.deepcopy(module.state_dict())
+    with pytest.warns(UserWarning, match="found no neuron group.*unsupported op 'mse_loss'"):
+        trainer(callbacks=[PathNormRegularization(lam=0.1)], max_steps=2).fit(module)
+    assert any(not torch.equal(v, module.state_dict()[k]) for k, v in before.items())
+
+
+def test_manual_optimization_refused():
+    class Manual(MLPModule):
+        def __init__(self):
+            super().__init__()
+            self.automatic_optimization = False
+
+        def training_step(self, batch, batch_idx):
+            opt = self.optimizers()
+            loss = super().training_step(batch, batch_idx)
+            opt.zero_grad()
+            self.manual_backward(loss)
+            opt.step()
+
+    with pytest.raises(ValueError, match="does not support manual optimization"):
+        trainer(callbacks=[PathNormRegularization(lam=0.1)], max_steps=1).fit(Manual())
+
+
+def test_sharded_strategy_refused():
+    from pytorch_lightning.strategies import FSDPStrategy
+
+    fake_trainer = types.SimpleNamespace(strategy=FSDPStrategy())
+    with pytest.raises(ValueError, match="does not support the sharded strategy FSDPStrategy"):
+        refuse_unsupported(fake_trainer, MLPModule(), "PathNormRegularization")
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_match_single_process(tmp_path):
+    torch.manual_seed(0)
+    start = MLPModule(lr=0.05, batch_size=16, deterministic_sampler=True)
+    single = copy.deepcopy(start)
+    kw = dict(max_steps=6, use_distributed_sampler=False)
+    trainer(callbacks=[PathNormRegularization(lam=0.1, mode="prox")], **kw).fit(single)
+    ddp = copy.deepcopy(start)
+    cbs = [PathNormRegularization(lam=0.1, mode="prox"), SaveWeights(str(tmp_path))]
+    trainer(callbacks=cbs, strategy="ddp_spawn", devices=2, **kw).fit(ddp)
+    r0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
+    r1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
+    for k in r0:
+        assert torch.equal(r0[k], r1[k]), k  # identical across ranks
+        torch.testing.assert_close(r0[k], single.state_dict()[k], atol=1e-5, rtol=0, msg=k)

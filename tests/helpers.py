@@ -1,0 +1,81 @@
+"""Small real Lightning modules and data for the tests (generated in code; nothing downloads)."""
+
+from __future__ import annotations
+
+import pytorch_lightning as pl
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
+
+
+def regression_data(n: int = 64, d: int = 4, seed: int = 0) -> TensorDataset:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, d, generator=g)
+    y = torch.sin(x.sum(1, keepdim=True)) + 0.1 * torch.randn(n, 1, generator=g)
+    return TensorDataset(x, y)
+
+
+class MLPModule(pl.LightningModule):
+    """An ordinary LightningModule: nothing in it knows about lightning_bv."""
+
+    def __init__(
+        self,
+        d: int = 4,
+        width: int = 16,
+        lr: float = 0.05,
+        n: int = 64,
+        batch_size: int = 16,
+        deterministic_sampler: bool = False,
+        optimizer: str = "sgd",
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.net = nn.Sequential(nn.Linear(d, width), nn.ReLU(), nn.Linear(width, width), nn.ReLU(), nn.Linear(width, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        loss = nn.functional.mse_loss(self(x), y)
+        self.log("train_loss", loss)
+        return loss
+
+    def configure_optimizers(self):
+        if self.hparams.optimizer == "adam":
+            return torch.optim.Adam(self.parameters(), lr=self.hparams.lr)
+        return torch.optim.SGD(self.parameters(), lr=self.hparams.lr, momentum=0.9)
+
+    def train_dataloader(self):
+        ds = regression_data(self.hparams.n, self.hparams.d)
+        if self.hparams.deterministic_sampler:
+            # same global batches on 1 and 2 processes: rank r takes every other sample of each global batch
+            sampler = DistributedSampler(ds, self.trainer.world_size, self.trainer.global_rank, shuffle=False)
+            return DataLoader(ds, batch_size=self.hparams.batch_size // self.trainer.world_size, sampler=sampler)
+        return DataLoader(ds, batch_size=self.hparams.batch_size)
+
+
+def trainer(**kwargs) -> pl.Trainer:
+    defaults = dict(
+        accelerator="cpu",
+        devices=1,
+        max_steps=8,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        log_every_n_steps=1,
+    )
+    defaults.update(kwargs)
+    return pl.Trainer(**defaults)
+
+
+class SaveWeights(pl.Callback):
+    """Save every rank's final weights (picklable, for ddp_spawn)."""
+
+    def __init__(self, folder: str) -> None:
+        self.folder = folder
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        state = {k: v.detach().cpu().clone() for k, v in pl_module.state_dict().items()}
+        torch.save(state, f"{self.folder}/rank{trainer.global_rank}.pt")
