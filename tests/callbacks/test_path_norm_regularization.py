@@ -192,7 +192,9 @@ def test_bad_arguments(kwargs, match):
 
 def test_targets_that_match_nothing_raise():
     cb = PathNormRegularization(lam=0.1, targets=["nope"])
-    with pytest.raises(lbv.TargetsMatchNothingError, match=r"'nope' matched no module.*Available: \['net.0', 'net.2'\]"):
+    with pytest.raises(
+        lbv.TargetsMatchNothingError, match=r"'nope' matched no module.*Available: \['net.0', 'net.2'\]"
+    ):
         trainer(callbacks=[cb], max_steps=1).fit(MLPModule())
 
 
@@ -239,7 +241,7 @@ def test_ddp_two_processes_match_single_process(tmp_path):
     torch.manual_seed(0)
     start = MLPModule(lr=0.05, batch_size=16, deterministic_sampler=True)
     single = copy.deepcopy(start)
-    kw = dict(max_steps=6, use_distributed_sampler=False)
+    kw = {"max_steps": 6, "use_distributed_sampler": False}
     trainer(callbacks=[PathNormRegularization(lam=0.1, mode="prox")], **kw).fit(single)
     ddp = copy.deepcopy(start)
     cbs = [PathNormRegularization(lam=0.1, mode="prox"), SaveWeights(str(tmp_path))]
