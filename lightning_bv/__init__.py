@@ -11,22 +11,53 @@ from lightning_bv.functional import (
     prox_,
     rbv_norm,
 )
+from lightning_bv.functional.path_norm import path_norm
+from lightning_bv.modules import RBVBlock, RBVNet
 from lightning_bv.neurons import NeuronGroup, NeuronGroups, Slot, find_neurons
+from lightning_bv.transforms import (
+    AffineSkip,
+    LowRankWeight,
+    add_skip,
+    apply_low_rank,
+    factorize,
+    is_low_rank,
+    is_skip,
+    low_rank_factors,
+    low_rank_live_components,
+    low_rank_rank,
+    remove_low_rank,
+    remove_skip,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AffineSkip",
+    "LowRankWeight",
     "NeuronGroup",
     "NeuronGroups",
+    "RBVBlock",
+    "RBVNet",
     "Slot",
     "TargetsMatchNothingError",
     "add_rbv_grad_",
+    "add_skip",
     "add_weight_decay_grad_",
+    "apply_low_rank",
     "balance_",
+    "factorize",
     "find_neurons",
     "group_norms",
+    "is_low_rank",
+    "is_skip",
+    "low_rank_factors",
+    "low_rank_live_components",
+    "low_rank_rank",
     "neuron_scores",
     "neuron_weight_decay",
+    "path_norm",
     "prox_",
     "rbv_norm",
+    "remove_low_rank",
+    "remove_skip",
 ]

@@ -12,6 +12,8 @@ import re
 from collections.abc import Iterable, Sequence
 from typing import Union
 
+from torch import nn
+
 Targets = Union[str, Sequence[str], None]
 
 
@@ -76,3 +78,13 @@ def select_names(
     if exclude is not None:
         picked = [n for n in picked if not _matches(n, exclude)]
     return picked
+
+
+def named_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """``model.named_modules()`` without the internals of torch parametrizations (``*.parametrizations.*``)."""
+    return {n: m for n, m in model.named_modules() if "parametrizations" not in n.split(".")}
+
+
+def show(name: str) -> str:
+    """A module name for messages (``<root>`` for the model itself)."""
+    return repr(name) if name else "<root>"

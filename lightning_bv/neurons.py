@@ -28,7 +28,7 @@ def low_rank_factors(module: nn.Module) -> tuple[Tensor, Tensor] | None:
     """``(U, V)`` of a weight parametrized by ``apply_low_rank`` (W = U @ V, conv weights as out x in*kernel)."""
     if not parametrize.is_parametrized(module, "weight"):
         return None
-    plist = module.parametrizations["weight"]  # type: ignore[index,union-attr]
+    plist: Any = module.parametrizations["weight"]  # type: ignore[index]
     if len(plist) != 1 or not getattr(plist[0], "lbv_low_rank", False):
         return None
     return plist.original0, plist.original1
@@ -314,17 +314,17 @@ class _Analysis:
         self.root = root
         self.modules = dict(root.named_modules())
 
-    def module_of(self, op: Op, types: tuple[type, ...]) -> tuple[str, nn.Module]:
+    def module_of(self, op: Op, types: tuple[type, ...]) -> tuple[str, Any]:
         name = op.module
         mod = self.modules.get(name) if name is not None else None
-        if mod is None or not isinstance(mod, types):
+        if name is None or mod is None or not isinstance(mod, types):
             raise _Skip(f"'{op.name}' is called outside a {types[0].__name__.rstrip('123d')} module ({name})")
         if self.t.calls.get(name, 0) != 1:
             raise _Skip(f"module '{name}' is called {self.t.calls.get(name, 0)} times (shared weights)")
         return name, mod
 
     # -- producer side ---------------------------------------------------------------------------------------
-    def producers(self, vid: int) -> list[tuple[str, nn.Module, str | None, nn.Module | None]]:
+    def producers(self, vid: int) -> list[tuple[str, Any, str | None, Any]]:
         value = self.t.values[vid]
         if value.producer is None:
             raise _Skip("the pre-activation comes straight from an input or a parameter-free path")
@@ -357,7 +357,7 @@ class _Analysis:
         raise _Skip(f"the pre-activation comes from unsupported op '{op.name}'")
 
     # -- consumer side ---------------------------------------------------------------------------------------
-    def consumers(self, act: Op, k: int, ch_dim: int) -> list[tuple[str, nn.Module, Tensor]]:
+    def consumers(self, act: Op, k: int, ch_dim: int) -> list[tuple[str, Any, Tensor]]:
         out_vid = act.outputs[0]
         shape = self.t.values[out_vid].shape
         if len(shape) <= ch_dim % len(shape) or shape[ch_dim] != k:
@@ -365,7 +365,7 @@ class _Analysis:
         view = [1] * len(shape)
         view[ch_dim] = k
         labels = {out_vid: torch.arange(1, k + 1, dtype=torch.float32).reshape(view).expand(shape)}
-        found: list[tuple[str, nn.Module, Tensor]] = []
+        found: list[tuple[str, Any, Tensor]] = []
         for op in self.t.ops[act.index + 1 :]:
             reached = [v for v in op.inputs if v in labels]
             if not reached:
@@ -416,7 +416,7 @@ class _Analysis:
             return [torch.where(hi == lo, hi, torch.full_like(hi, -1.0))]
         raise _Skip(f"the activation output is read by unsupported op '{op.name}'")
 
-    def consumer(self, op: Op, lab: Tensor) -> tuple[str, nn.Module, Tensor]:
+    def consumer(self, op: Op, lab: Tensor) -> tuple[str, Any, Tensor]:
         name, mod = self.module_of(op, (nn.Linear, *_CONV))
         if isinstance(mod, nn.Linear):
             per = lab.reshape(-1, lab.shape[-1])
@@ -441,7 +441,7 @@ class _Analysis:
         if pre is None:
             raise _Skip("activation input is not a recorded tensor")
         prods = self.producers(pre)
-        k = prods[0][1].weight.shape[0]
+        k = int(prods[0][1].weight.shape[0])
         if any(m.weight.shape[0] != k for _, m, _, _ in prods):
             raise _Skip("summed producers have different widths")
         ch_dim = -1 if isinstance(prods[0][1], nn.Linear) else 1
@@ -449,10 +449,10 @@ class _Analysis:
         w_slots, b_slots, v_slots = [], [], []
         for name, mod, bn_name, bn in sorted(prods, key=lambda p: p[0]):
             reg = not is_null_space(mod)
-            owner, owner_name = (bn, bn_name) if bn is not None else (mod, name)
-            w_slots.append(Slot(owner, owner_name, "weight", 0, regularized=reg))  # type: ignore[arg-type]
-            if owner.bias is not None:  # type: ignore[union-attr]
-                b_slots.append(Slot(owner, owner_name, "bias", 0, regularized=False))  # type: ignore[arg-type]
+            owner, owner_name = (bn, str(bn_name)) if bn is not None else (mod, name)
+            w_slots.append(Slot(owner, owner_name, "weight", 0, regularized=reg))
+            if owner.bias is not None:
+                b_slots.append(Slot(owner, owner_name, "bias", 0, regularized=False))
         names = set()
         for name, mod, idx in sorted(cons, key=lambda c: c[0]):
             if name in names:

@@ -184,7 +184,7 @@ class PathNormRegularization(CallbackBase):
         if self._pending_lr is not None and self.groups:
             taus, self._pending_lr = self._pending_lr, None
             prox_(self.groups, taus, self.q)
-        every = self.log_every_n_steps or trainer.log_every_n_steps
+        every = self.log_every_n_steps or getattr(trainer, "log_every_n_steps", 50)
         if self.groups is not None and every and trainer.global_step % every == 0:
             self._log(pl_module)
 

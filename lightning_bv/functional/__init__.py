@@ -1,5 +1,6 @@
 """The maths on tensors and neuron groups, in plain PyTorch (no Lightning import)."""
 
+from lightning_bv.functional.path_norm import path_norm
 from lightning_bv.functional.rbv import (
     add_rbv_grad_,
     add_weight_decay_grad_,
@@ -18,6 +19,7 @@ __all__ = [
     "group_norms",
     "neuron_scores",
     "neuron_weight_decay",
+    "path_norm",
     "prox_",
     "rbv_norm",
 ]

@@ -1,0 +1,29 @@
+"""Model surgery in plain PyTorch: low-rank weights, affine skip connections (and compaction)."""
+
+from lightning_bv.transforms.low_rank import (
+    LowRankWeight,
+    apply_low_rank,
+    factorize,
+    is_low_rank,
+    low_rank_factors,
+    low_rank_live_components,
+    low_rank_rank,
+    remove_low_rank,
+)
+from lightning_bv.transforms.skip import AffineSkip, add_skip, affine_skip_for, is_skip, remove_skip
+
+__all__ = [
+    "AffineSkip",
+    "LowRankWeight",
+    "add_skip",
+    "affine_skip_for",
+    "apply_low_rank",
+    "factorize",
+    "is_low_rank",
+    "is_skip",
+    "low_rank_factors",
+    "low_rank_live_components",
+    "low_rank_rank",
+    "remove_low_rank",
+    "remove_skip",
+]

@@ -1,0 +1,399 @@
+"""Low-rank weights: :func:`apply_low_rank`, :func:`is_low_rank`, :func:`remove_low_rank` (and :func:`factorize`).
+
+THEORY.md section 5: between two ReLU layers the product ``W_{l+1} V_l`` has rank at most the bottleneck width, so a
+deep network of the representer theorem has low-rank weight matrices. :func:`apply_low_rank` writes the ``weight`` of
+each targeted ``nn.Linear`` / ``nn.Conv1d/2d/3d`` as ``U @ V`` through :mod:`torch.nn.utils.parametrize`:
+
+* ``module.parametrizations.weight.original0`` is ``U`` of shape ``[out, r]``;
+* ``module.parametrizations.weight.original1`` is ``V`` of shape ``[r, in * prod(kernel_size)]``;
+* ``module.weight`` is ``(U @ V).reshape(weight_shape)``, recomputed at each access.
+
+``U`` and ``V`` start from the truncated SVD of the current weight, with the square root of the singular values on each
+side, so ``||W_before - W_after||_F`` is the root of the sum of the discarded squared singular values. Each rank-1
+component ``j`` (column ``U[:, j]``, row ``V[j, :]``) acts as a neuron with identity activation; a proximal step can
+zero components (see :func:`low_rank_live_components`).
+
+Saving: torch refuses to pickle a parametrized module (``torch.save(model)`` raises). Save and load the
+``state_dict`` instead, into a model that went through the same :func:`apply_low_rank` call; a saved rank that differs
+from the fresh model's (as with ``energy=``, or after compaction) is taken from the state_dict, and the factors of that
+layer become new Parameters (build the optimizer after loading). :func:`copy.deepcopy` works.
+
+Example:
+    >>> import torch
+    >>> from torch import nn
+    >>> model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+    >>> model = apply_low_rank(model, rank=3)
+    >>> is_low_rank(model[0]), low_rank_rank(model[2]), tuple(model[0].weight.shape)
+    (True, 3, (16, 8))
+    >>> fresh = apply_low_rank(nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4)), rank=3)
+    >>> _ = fresh.load_state_dict(model.state_dict())  # not torch.save(model): parametrized modules do not pickle
+    >>> x = torch.randn(2, 8)
+    >>> torch.equal(fresh(x), model(x))
+    True
+
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Any, Optional, cast
+
+import torch
+from torch import Tensor, nn
+from torch.nn.utils import parametrize
+
+from lightning_bv._select import Targets, named_modules, select_names, show
+from lightning_bv.neurons import low_rank_factors
+
+_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_SUPPORTED = "nn.Linear, nn.Conv1d, nn.Conv2d or nn.Conv3d"
+
+
+class LowRankWeight(nn.Module):
+    """Parametrization ``(U, V) -> (U @ V).reshape(weight_shape)`` of a Linear/Conv weight.
+
+    Register it with ``register_parametrization(module, "weight", LowRankWeight(rank, shape), unsafe=True)``;
+    :meth:`right_inverse` turns a dense weight into its rank-``rank`` SVD factors. :func:`apply_low_rank` does this.
+
+    Args:
+        rank: number of rank-1 components ``r``.
+        weight_shape: shape of the dense weight, ``[out, in, *kernel_size]``.
+
+    Example:
+        >>> p = LowRankWeight(2, (3, 4))
+        >>> U, V = p.right_inverse(torch.randn(3, 4))
+        >>> tuple(U.shape), tuple(V.shape), tuple(p(U, V).shape)
+        ((3, 2), (2, 4), (3, 4))
+
+    """
+
+    lbv_low_rank = True
+
+    def __init__(self, rank: int, weight_shape: tuple[int, ...]) -> None:
+        super().__init__()
+        self.rank = int(rank)
+        self.weight_shape = tuple(int(s) for s in weight_shape)
+
+    def forward(self, U: Tensor, V: Tensor) -> Tensor:  # noqa: N803
+        return (U @ V).reshape(self.weight_shape)
+
+    def right_inverse(self, weight: Tensor) -> tuple[Tensor, Tensor]:
+        """Return ``(U, V)``: the rank-``rank`` truncated SVD of ``weight`` with ``sqrt(S)`` on each side."""
+        matrix = weight.detach().reshape(weight.shape[0], -1)
+        u, s, vh = torch.linalg.svd(_svd_dtype(matrix), full_matrices=False)
+        root = s[: self.rank].sqrt()
+        U = (u[:, : self.rank] * root).to(weight.dtype).contiguous()  # noqa: N806
+        V = (root[:, None] * vh[: self.rank]).to(weight.dtype).contiguous()  # noqa: N806
+        return U, V
+
+    def extra_repr(self) -> str:
+        return f"rank={self.rank}, weight_shape={self.weight_shape}"
+
+
+def is_low_rank(module: nn.Module) -> bool:
+    """Return whether ``module.weight`` is parametrized by :class:`LowRankWeight` (see :func:`apply_low_rank`).
+
+    Example:
+        >>> layer = nn.Linear(4, 4)
+        >>> is_low_rank(layer), is_low_rank(apply_low_rank(layer, rank=1))
+        (False, True)
+
+    """
+    if not parametrize.is_parametrized(module, "weight"):
+        return False
+    return any(getattr(p, "lbv_low_rank", False) for p in _plist(module))
+
+
+def low_rank_rank(module: nn.Module) -> int:
+    """Return the number of components ``r`` of a low-rank module (zeroed components included).
+
+    Raises:
+        ValueError: if ``module`` is not low-rank.
+
+    Example:
+        >>> low_rank_rank(apply_low_rank(nn.Linear(5, 7), rank=4))
+        4
+
+    """
+    factors = low_rank_factors(module)
+    if factors is None:
+        raise ValueError(f"{type(module).__name__} is not low-rank; call `apply_low_rank` on it first")
+    return int(factors[0].shape[1])
+
+
+def low_rank_live_components(module: nn.Module, tol: float = 0.0) -> int:
+    """Count the components ``j`` with ``||U[:, j]|| * ||V[j, :]|| > tol`` (the others contribute nothing).
+
+    Example:
+        >>> layer = apply_low_rank(nn.Linear(5, 7), rank=3)
+        >>> with torch.no_grad():
+        ...     _ = layer.parametrizations.weight.original1[0].zero_()
+        >>> low_rank_live_components(layer)
+        2
+
+    """
+    factors = low_rank_factors(module)
+    if factors is None:
+        raise ValueError(f"{type(module).__name__} is not low-rank; call `apply_low_rank` on it first")
+    U, V = (f.detach() for f in factors)  # noqa: N806
+    strength = (U * U).sum(0).sqrt() * (V * V).sum(1).sqrt()
+    return int((strength > tol).sum())
+
+
+def apply_low_rank(
+    model: nn.Module,
+    rank: Optional[int] = None,
+    energy: Optional[float] = None,
+    targets: Targets = None,
+    exclude: Targets = None,
+) -> nn.Module:
+    """Parametrize the weight of each targeted Linear/Conv layer as ``U @ V`` of low rank, in place.
+
+    ``U`` and ``V`` are new Parameters: build the optimizer after this call. Dtype and device are kept. Every target is
+    resolved and validated before any layer changes; on failure the model is left exactly as it was.
+
+    Args:
+        model: the model (itself a Linear/Conv layer, or containing some).
+        rank: the rank ``r`` of every targeted layer, ``1 <= r <= min(out, in * prod(kernel_size))``.
+        energy: in ``(0, 1]``: per layer, the smallest rank keeping this fraction of the sum of squared singular
+            values. Give exactly one of ``rank`` and ``energy``.
+        targets: module names (see :func:`lightning_bv._select.select_names`); ``None`` selects every
+            Linear/Conv layer. A targeted module of another type is an error.
+        exclude: module names to leave alone; wins over ``targets``.
+
+    Returns:
+        ``model``, changed in place.
+
+    Raises:
+        ValueError: bad ``rank``/``energy``, a rank too large for a layer, a grouped conv, an already parametrized
+            weight, or ``targets`` matching nothing (:class:`~lightning_bv._select.TargetsMatchNothingError`).
+        TypeError: a targeted module that is not a Linear/Conv layer.
+
+    Example:
+        >>> model = nn.Sequential(nn.Linear(10, 10), nn.ReLU(), nn.Linear(10, 2))
+        >>> _ = apply_low_rank(model, energy=0.9, targets=["0"])
+        >>> is_low_rank(model[0]), is_low_rank(model[2])
+        (True, False)
+
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"`model` must be an nn.Module, got {type(model).__name__}")
+    if (rank is None) == (energy is None):
+        raise ValueError(
+            f"Give exactly one of `rank` and `energy`, got rank={rank!r} and energy={energy!r}. "
+            "`rank` fixes the rank of every layer; `energy` picks it per layer from the singular values."
+        )
+    if rank is not None and (isinstance(rank, bool) or not isinstance(rank, numbers.Integral) or rank < 1):
+        raise ValueError(f"`rank` must be an int >= 1, got {rank!r}")
+    if energy is not None and (
+        isinstance(energy, bool) or not isinstance(energy, numbers.Real) or not 0.0 < float(energy) <= 1.0
+    ):
+        raise ValueError(
+            f"`energy` must be a float in (0, 1] (the fraction of squared singular values kept), got {energy!r}"
+        )
+
+    modules = named_modules(model)
+    names = [n for n in modules if targets is not None or isinstance(modules[n], (nn.Linear, *_CONVS))]
+    if not names:
+        raise ValueError(f"`model` ({type(model).__name__}) contains no {_SUPPORTED} layer to make low-rank")
+    plan: list[tuple[Any, int]] = []
+    for name in select_names(names, targets, exclude):
+        module = modules[name]
+        _check_supported(name, module)
+        out_dim, in_dim = _matrix_shape(module)
+        max_rank = min(out_dim, in_dim)
+        if rank is not None:
+            if rank > max_rank:
+                raise ValueError(
+                    f"`rank`={rank} is too large for layer {show(name)} ({_describe(module)}): its weight is a "
+                    f"{out_dim} x {in_dim} matrix, so the rank must be <= {max_rank}. Use `exclude` to skip it, "
+                    "or `energy=` for a per-layer rank."
+                )
+            plan.append((module, int(rank)))
+        else:
+            assert energy is not None
+            plan.append((module, _energy_rank(module.weight, float(energy))))
+
+    done: list[tuple[Any, Tensor, list[str]]] = []
+    try:
+        for module, r in plan:
+            old, order = module.weight, list(module._parameters)
+            parametrize.register_parametrization(module, "weight", LowRankWeight(r, tuple(old.shape)), unsafe=True)
+            done.append((module, old, order))
+            _plist(module).register_load_state_dict_pre_hook(_resize_factors_on_load)
+    except BaseException:
+        for module, old, order in reversed(done):
+            parametrize.remove_parametrizations(module, "weight", leave_parametrized=True)
+            module.weight = old
+            for key in order:  # restore the parameter order, hence the state_dict key order
+                module._parameters[key] = module._parameters.pop(key)
+        raise
+    return model
+
+
+def remove_low_rank(model: nn.Module, merge: bool = True) -> nn.Module:
+    """Undo :func:`apply_low_rank` on every low-rank layer of ``model``.
+
+    The weight that existed before :func:`apply_low_rank` is not kept (the discarded singular directions are gone), so
+    there is nothing to "restore": both choices keep the current function.
+
+    Args:
+        model: the model.
+        merge: ``True``: each weight becomes a plain Parameter holding the dense product ``U @ V`` (a new Parameter:
+            rebuild the optimizer). ``False``: keep the factors as two layers, exactly as :func:`factorize`.
+
+    Returns:
+        The model. With ``merge=False`` and a low-rank ``model`` itself, the new :class:`nn.Sequential`; use the return
+        value.
+
+    Example:
+        >>> layer = apply_low_rank(nn.Linear(6, 6), rank=2)
+        >>> layer = remove_low_rank(layer)
+        >>> is_low_rank(layer), type(layer).__name__, torch.linalg.matrix_rank(layer.weight.detach()).item()
+        (False, 'Linear', 2)
+
+    """
+    if not merge:
+        return factorize(model)
+    for module in list(model.modules()):
+        if is_low_rank(module):
+            parametrize.remove_parametrizations(module, "weight", leave_parametrized=True)
+            for key in [k for k in module._parameters if k != "weight"]:  # weight first again, as in a fresh layer
+                module._parameters[key] = module._parameters.pop(key)
+    return model
+
+
+def factorize(model: nn.Module) -> nn.Module:
+    """Replace each low-rank layer by two small layers computing the same function (faster when ``r`` is small).
+
+    A Linear ``in -> out`` of rank ``r`` becomes ``nn.Sequential(Linear(in, r, bias=False), Linear(r, out))``; a conv
+    becomes ``nn.Sequential(ConvNd(in, r, <same kernel, stride, padding, dilation, padding_mode>, bias=False),
+    ConvNd(r, out, 1))``. The bias moves to the second layer. Layers are replaced in their parent by attribute name,
+    so state_dict keys change (``fc.weight`` -> ``fc.0.weight``, ``fc.1.weight``, ``fc.1.bias``); hooks on a replaced
+    layer are not carried over.
+
+    Returns:
+        The model, changed in place; if ``model`` itself is low-rank, the new :class:`nn.Sequential` (use the return
+        value).
+
+    Example:
+        >>> model = apply_low_rank(nn.Sequential(nn.Linear(8, 8), nn.ReLU()), rank=2)
+        >>> x = torch.randn(3, 8)
+        >>> y = model(x)
+        >>> model = factorize(model)
+        >>> model[0]
+        Sequential(
+          (0): Linear(in_features=8, out_features=2, bias=False)
+          (1): Linear(in_features=2, out_features=8, bias=True)
+        )
+        >>> torch.allclose(model(x), y, atol=1e-6)
+        True
+
+    """
+    replacements = [(name, _factorized(module)) for name, module in model.named_modules() if is_low_rank(module)]
+    for name, new in replacements:
+        if name == "":
+            return new
+        parent_name, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(parent_name), attr, new)
+    return model
+
+
+def _factorized(module: Any) -> nn.Sequential:
+    factors = low_rank_factors(module)
+    assert factors is not None
+    U, V = factors  # noqa: N806
+    r = U.shape[1]
+    bias = module.bias
+    kw: dict[str, Any] = {"device": U.device, "dtype": U.dtype}
+    if isinstance(module, nn.Linear):
+        first: Any = nn.Linear(module.in_features, r, bias=False, **kw)
+        second: Any = nn.Linear(r, module.out_features, bias=bias is not None, **kw)
+    else:
+        conv = parametrize.type_before_parametrizations(module)
+        first = conv(
+            module.in_channels,
+            r,
+            module.kernel_size,
+            stride=module.stride,
+            padding=module.padding,
+            dilation=module.dilation,
+            bias=False,
+            padding_mode=module.padding_mode,
+            **kw,
+        )
+        second = conv(r, module.out_channels, 1, bias=bias is not None, **kw)
+    with torch.no_grad():
+        first.weight.copy_(V.reshape(first.weight.shape))
+        second.weight.copy_(U.reshape(second.weight.shape))
+        first.weight.requires_grad_(V.requires_grad)
+        second.weight.requires_grad_(U.requires_grad)
+        if bias is not None:
+            second.bias.copy_(bias)
+            second.bias.requires_grad_(bias.requires_grad)
+    return nn.Sequential(first, second).train(module.training)
+
+
+def _resize_factors_on_load(plist: Any, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+    """Load-state-dict pre-hook: take the rank of the saved factors when it differs from the current one."""
+    U, V = state_dict.get(prefix + "original0"), state_dict.get(prefix + "original1")  # noqa: N806
+    old_u, old_v = plist.original0, plist.original1
+    if not (isinstance(U, Tensor) and isinstance(V, Tensor)) or (U.shape, V.shape) == (old_u.shape, old_v.shape):
+        return
+    if U.ndim != 2 or V.ndim != 2 or U.shape[1] != V.shape[0] or U.shape[0] != old_u.shape[0]:
+        return  # let load_state_dict report the size mismatch
+    if V.shape[1] != old_v.shape[1]:
+        return
+    plist.original0 = nn.Parameter(old_u.new_empty(U.shape), requires_grad=old_u.requires_grad)
+    plist.original1 = nn.Parameter(old_v.new_empty(V.shape), requires_grad=old_v.requires_grad)
+    for p in plist:  # type: ignore[attr-defined]
+        if isinstance(p, LowRankWeight):
+            p.rank = int(U.shape[1])
+
+
+def _plist(module: nn.Module) -> Any:
+    return cast(Any, module).parametrizations["weight"]
+
+
+def _svd_dtype(matrix: Tensor) -> Tensor:
+    return matrix if matrix.dtype in (torch.float32, torch.float64) else matrix.float()
+
+
+def _energy_rank(weight: Tensor, energy: float) -> int:
+    with torch.no_grad():
+        s = torch.linalg.svdvals(_svd_dtype(weight.detach().reshape(weight.shape[0], -1))).double()
+    cum = torch.cumsum(s * s, 0)
+    return min(int((cum < energy * cum[-1]).sum()) + 1, s.numel())
+
+
+def _matrix_shape(module: nn.Module) -> tuple[int, int]:
+    weight = cast(Tensor, module.weight)
+    return int(weight.shape[0]), int(math.prod(weight.shape[1:]))
+
+
+def _check_supported(name: str, module: Any) -> None:
+    if not isinstance(module, (nn.Linear, *_CONVS)):
+        raise TypeError(
+            f"`targets` selected {show(name)} ({type(module).__name__}), which is not an {_SUPPORTED}. "
+            "Only those layers can be made low-rank; narrow `targets` or add the name to `exclude`."
+        )
+    if is_low_rank(module):
+        raise ValueError(f"Layer {show(name)} ({_describe(module)}) is already low-rank; call `remove_low_rank` first")
+    if parametrize.is_parametrized(module, "weight"):
+        raise ValueError(
+            f"Layer {show(name)} ({_describe(module)}) already has a parametrization on `weight`; "
+            "remove it (torch.nn.utils.parametrize.remove_parametrizations) before `apply_low_rank`"
+        )
+    if isinstance(module.weight, nn.parameter.UninitializedParameter):
+        raise ValueError(f"Layer {show(name)} is lazy and not initialized yet; run one forward pass first")
+    if isinstance(module, _CONVS) and module.groups != 1:
+        raise ValueError(
+            f"Layer {show(name)} ({_describe(module)}) is a grouped conv (groups={module.groups}); "
+            "only groups=1 is supported by `apply_low_rank`. Add it to `exclude`."
+        )
+
+
+def _describe(module: nn.Module) -> str:
+    extra = module.extra_repr()
+    return f"{parametrize.type_before_parametrizations(module).__name__}({extra})"
