@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytorch_lightning as pl
+from pytorch_lightning.utilities import rank_zero_warn
 
 try:  # the unified package, when installed, has its own Callback class that its Trainer checks for
     import lightning.pytorch as _L
@@ -21,17 +22,64 @@ class CallbackBase(*_BASES):  # type: ignore[misc]
 _SHARDED = ("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy", "XLAFSDPStrategy")
 
 
+def _is_sharded(trainer: Any) -> bool:
+    return any(cls.__name__ in _SHARDED for cls in type(trainer.strategy).__mro__)
+
+
+def refuse_sharded(trainer: Any, who: str, why: str) -> None:
+    """Raise for a sharded strategy (FSDP, DeepSpeed, model parallel); ``why`` completes "it ..." in the message."""
+    if _is_sharded(trainer):
+        strategy = type(trainer.strategy).__name__
+        raise ValueError(
+            f"{who} does not support the sharded strategy {strategy}: it {why}. Use strategy='ddp' (or 'ddp_spawn')."
+        )
+
+
+def configure_model_first(trainer: Any, pl_module: Any, who: str) -> None:
+    """Call the module's own ``configure_model`` now, from a callback's ``setup``, so that its layers exist.
+
+    Lightning calls ``configure_model`` right after the callbacks' ``setup`` (and again at every stage: the hook must
+    be idempotent), so model surgery in ``setup`` would not see the layers it creates. Lightning's ``WeightAveraging``
+    calls it first for the same reason; here it runs in the strategy's and precision plugin's init contexts, as
+    Lightning's own call does, but not in the sharded context (surgery needs whole layers): under a sharded strategy
+    the model is built unsharded, with a warning, as ``WeightAveraging`` does.
+    """
+    owner = next((c for c in type(pl_module).__mro__ if "configure_model" in vars(c)), None)
+    if owner is None or owner.__module__.split(".")[0] in ("pytorch_lightning", "lightning"):
+        return  # not overridden
+    if _is_sharded(trainer):
+        rank_zero_warn(
+            f"{who} calls your `configure_model` before Lightning does, outside the sharded context of "
+            f"{type(trainer.strategy).__name__}, so that its layers exist for the model surgery: the model is built "
+            "unsharded on each rank and may not fit in memory."
+        )
+    with trainer.strategy.tensor_init_context(), trainer.precision_plugin.module_init_context():
+        pl_module.configure_model()
+
+
 def refuse_unsupported(trainer: Any, pl_module: Any, who: str) -> None:
     """Raise at ``setup`` for set-ups the callbacks do not support: manual optimization and sharded strategies."""
-    strategy = type(trainer.strategy).__name__
-    if any(cls.__name__ in _SHARDED for cls in type(trainer.strategy).__mro__):
-        raise ValueError(
-            f"{who} does not support the sharded strategy {strategy}: it reads and rescales whole weight rows and "
-            f"columns, which are split across ranks there. Use strategy='ddp' (or 'ddp_spawn')."
-        )
+    refuse_sharded(trainer, who, "reads and rescales whole weight rows and columns, which are split across ranks there")
     if not getattr(pl_module, "automatic_optimization", True):
         raise ValueError(
             f"{who} does not support manual optimization (automatic_optimization=False): there is no optimizer step "
             f"hook to attach to. In your training_step, after each optimizer.step(), call "
             f"lightning_bv.prox_(groups, lam * lr) (or add_rbv_grad_(groups, lam) before it)."
+        )
+
+
+def warn_if_spawned(trainer: Any, who: str) -> None:
+    """Warn that model surgery in spawned workers (``ddp_spawn``, ``ddp_fork``, ``ddp_notebook``) is lost after fit.
+
+    With those strategies ``trainer.fit`` runs in worker processes on copies of the module; at the end Lightning
+    loads rank 0's ``state_dict`` back into the module of the main process with ``strict=False``. The layers changed
+    by the surgery have other state_dict keys there, so they are silently skipped and keep their initial weights.
+    """
+    if type(getattr(trainer.strategy, "launcher", None)).__name__ == "_MultiProcessingLauncher":
+        rank_zero_warn(
+            f"{who} changes the model inside the worker processes of {type(trainer.strategy).__name__} "
+            f"(start method {getattr(trainer.strategy, '_start_method', '?')!r}). When fit ends, Lightning copies "
+            "the weights back to the module in the main process with strict=False, which skips the layers changed "
+            "here: they keep their initial weights there. Use strategy='ddp', or save a checkpoint (ModelCheckpoint) "
+            "and load it into a model changed the same way."
         )

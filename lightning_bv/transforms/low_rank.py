@@ -179,56 +179,10 @@ def apply_low_rank(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"`model` must be an nn.Module, got {type(model).__name__}")
-    if (rank is None) == (energy is None):
-        raise ValueError(
-            f"Give exactly one of `rank` and `energy`, got rank={rank!r} and energy={energy!r}. "
-            "`rank` fixes the rank of every layer; `energy` picks it per layer from the singular values."
-        )
-    if rank is not None and (isinstance(rank, bool) or not isinstance(rank, numbers.Integral) or rank < 1):
-        raise ValueError(f"`rank` must be an int >= 1, got {rank!r}")
-    if energy is not None and (
-        isinstance(energy, bool) or not isinstance(energy, numbers.Real) or not 0.0 < float(energy) <= 1.0
-    ):
-        raise ValueError(
-            f"`energy` must be a float in (0, 1] (the fraction of squared singular values kept), got {energy!r}"
-        )
-
+    _check_rank_energy(rank, energy)
     modules = named_modules(model)
-    names = [n for n in modules if targets is not None or isinstance(modules[n], (nn.Linear, *_CONVS))]
-    if not names:
-        raise ValueError(f"`model` ({type(model).__name__}) contains no {_SUPPORTED} layer to make low-rank")
-    plan: list[tuple[Any, int]] = []
-    for name in select_names(names, targets, exclude):
-        module = modules[name]
-        _check_supported(name, module)
-        out_dim, in_dim = _matrix_shape(module)
-        max_rank = min(out_dim, in_dim)
-        if rank is not None:
-            if rank > max_rank:
-                raise ValueError(
-                    f"`rank`={rank} is too large for layer {show(name)} ({_describe(module)}): its weight is a "
-                    f"{out_dim} x {in_dim} matrix, so the rank must be <= {max_rank}. Use `exclude` to skip it, "
-                    "or `energy=` for a per-layer rank."
-                )
-            plan.append((module, int(rank)))
-        else:
-            assert energy is not None
-            plan.append((module, _energy_rank(module.weight, float(energy))))
-
-    done: list[tuple[Any, Tensor, list[str]]] = []
-    try:
-        for module, r in plan:
-            old, order = module.weight, list(module._parameters)
-            parametrize.register_parametrization(module, "weight", LowRankWeight(r, tuple(old.shape)), unsafe=True)
-            done.append((module, old, order))
-            _plist(module).register_load_state_dict_pre_hook(_resize_factors_on_load)
-    except BaseException:
-        for module, old, order in reversed(done):
-            parametrize.remove_parametrizations(module, "weight", leave_parametrized=True)
-            module.weight = old
-            for key in order:  # restore the parameter order, hence the state_dict key order
-                module._parameters[key] = module._parameters.pop(key)
-        raise
+    names = select_names(_candidate_names(model, modules, targets), targets, exclude)
+    _apply_ranks(modules, {name: _layer_rank(name, modules[name], rank, energy) for name in names})
     return model
 
 
@@ -350,6 +304,67 @@ def _resize_factors_on_load(plist: Any, state_dict: dict[str, Any], prefix: str,
     for p in plist:  # type: ignore[attr-defined]
         if isinstance(p, LowRankWeight):
             p.rank = int(U.shape[1])
+
+
+def _check_rank_energy(rank: Any, energy: Any) -> None:
+    """Validate the ``rank``/``energy`` arguments of :func:`apply_low_rank` (shared with the ``LowRank`` callback)."""
+    if (rank is None) == (energy is None):
+        raise ValueError(
+            f"Give exactly one of `rank` and `energy`, got rank={rank!r} and energy={energy!r}. "
+            "`rank` fixes the rank of every layer; `energy` picks it per layer from the singular values."
+        )
+    if rank is not None and (isinstance(rank, bool) or not isinstance(rank, numbers.Integral) or rank < 1):
+        raise ValueError(f"`rank` must be an int >= 1, got {rank!r}")
+    if energy is not None and (
+        isinstance(energy, bool) or not isinstance(energy, numbers.Real) or not 0.0 < float(energy) <= 1.0
+    ):
+        raise ValueError(
+            f"`energy` must be a float in (0, 1] (the fraction of squared singular values kept), got {energy!r}"
+        )
+
+
+def _candidate_names(model: nn.Module, modules: dict[str, nn.Module], targets: Targets) -> list[str]:
+    """The names ``targets`` is matched against: every module, or only the Linear/Conv layers when it is ``None``."""
+    names = [n for n in modules if targets is not None or isinstance(modules[n], (nn.Linear, *_CONVS))]
+    if not names:
+        raise ValueError(f"`model` ({type(model).__name__}) contains no {_SUPPORTED} layer to make low-rank")
+    return names
+
+
+def _layer_rank(name: str, module: Any, rank: Optional[int], energy: Optional[float]) -> int:
+    """Check that ``module`` can be made low-rank and return its rank (``rank``, or the one ``energy`` picks)."""
+    _check_supported(name, module)
+    if rank is None:
+        assert energy is not None
+        return _energy_rank(module.weight, float(energy))
+    out_dim, in_dim = _matrix_shape(module)
+    max_rank = min(out_dim, in_dim)
+    if rank > max_rank:
+        raise ValueError(
+            f"`rank`={rank} is too large for layer {show(name)} ({_describe(module)}): its weight is a "
+            f"{out_dim} x {in_dim} matrix, so the rank must be <= {max_rank}. Use `exclude` to skip it, "
+            "or `energy=` for a per-layer rank."
+        )
+    return int(rank)
+
+
+def _apply_ranks(modules: dict[str, nn.Module], ranks: dict[str, int]) -> None:
+    """Parametrize ``modules[name]`` with rank ``ranks[name]`` for each name, all or none (undo on failure)."""
+    done: list[tuple[Any, Tensor, list[str]]] = []
+    try:
+        for name, r in ranks.items():
+            module: Any = modules[name]
+            old, order = module.weight, list(module._parameters)
+            parametrize.register_parametrization(module, "weight", LowRankWeight(r, tuple(old.shape)), unsafe=True)
+            done.append((module, old, order))
+            _plist(module).register_load_state_dict_pre_hook(_resize_factors_on_load)
+    except BaseException:
+        for module, old, order in reversed(done):
+            parametrize.remove_parametrizations(module, "weight", leave_parametrized=True)
+            module.weight = old
+            for key in order:  # restore the parameter order, hence the state_dict key order
+                module._parameters[key] = module._parameters.pop(key)
+        raise
 
 
 def _plist(module: nn.Module) -> Any:

@@ -120,10 +120,7 @@ def add_skip(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"`model` must be an nn.Module, got {type(model).__name__}")
-    if kind not in _KINDS:
-        raise ValueError(f"`kind` must be one of {_KINDS}, got {kind!r}")
-    if targets is None:
-        raise ValueError("`targets` is required: name the modules to put a skip connection around")
+    _check_skip_args(targets, kind)
     modules = named_modules(model)
     picked = select_names(list(modules), targets, exclude)
     skip_paths = {id(m.skip) for m in modules.values() if is_skip(m)}
@@ -232,6 +229,14 @@ def affine_skip_for(module: nn.Module, name: str = "", shape: Optional[tuple[Any
             p.zero_()
     skip._lbv_null_space = True  # type: ignore[assignment]
     return skip
+
+
+def _check_skip_args(targets: Any, kind: Any) -> None:
+    """Validate ``targets`` and ``kind`` of :func:`add_skip` (shared with the ``SkipConnections`` callback)."""
+    if kind not in _KINDS:
+        raise ValueError(f"`kind` must be one of {_KINDS}, got {kind!r}")
+    if targets is None:
+        raise ValueError("`targets` is required: name the modules to put a skip connection around")
 
 
 def _check_identity(module: nn.Module, name: str, shape: Optional[tuple[Any, Any]]) -> None:
