@@ -16,9 +16,12 @@ from lightning_bv.modules import RBVBlock, RBVNet
 from lightning_bv.neurons import NeuronGroup, NeuronGroups, Slot, find_neurons
 from lightning_bv.transforms import (
     AffineSkip,
+    CompactionReport,
+    GroupCompaction,
     LowRankWeight,
     add_skip,
     apply_low_rank,
+    compact,
     factorize,
     is_low_rank,
     is_skip,
@@ -27,12 +30,16 @@ from lightning_bv.transforms import (
     low_rank_rank,
     remove_low_rank,
     remove_skip,
+    resize_to_state_dict_,
+    slice_optimizer_state_,
 )
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AffineSkip",
+    "CompactionReport",
+    "GroupCompaction",
     "LowRankWeight",
     "NeuronGroup",
     "NeuronGroups",
@@ -45,6 +52,7 @@ __all__ = [
     "add_weight_decay_grad_",
     "apply_low_rank",
     "balance_",
+    "compact",
     "factorize",
     "find_neurons",
     "group_norms",
@@ -60,4 +68,6 @@ __all__ = [
     "rbv_norm",
     "remove_low_rank",
     "remove_skip",
+    "resize_to_state_dict_",
+    "slice_optimizer_state_",
 ]

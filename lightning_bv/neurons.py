@@ -188,6 +188,8 @@ class NeuronGroup:
         consumers: sorted module names of every Linear/Conv that reads the activation.
         num_neurons: number of neurons K.
         w_slots, b_slots, v_slots: where w_k, b_k and v_k live (see :class:`Slot`).
+        activation_module: the module that called the activation when it holds one parameter per neuron (an
+            ``nn.PReLU`` with ``num_parameters=K``; compaction shrinks it), else None.
 
     """
 
@@ -202,6 +204,7 @@ class NeuronGroup:
         w_slots: Sequence[Slot],
         b_slots: Sequence[Slot],
         v_slots: Sequence[Slot],
+        activation_module: str | None = None,
     ) -> None:
         self.name = name
         self.producers = tuple(producers)
@@ -212,6 +215,7 @@ class NeuronGroup:
         self.w_slots = tuple(w_slots)
         self.b_slots = tuple(b_slots)
         self.v_slots = tuple(v_slots)
+        self.activation_module = activation_module
 
     @property
     def producer(self) -> str:
@@ -466,8 +470,19 @@ class _Analysis:
             v_slots.append(Slot(mod, name, "weight", 1, None if trivial else idx, regularized=not is_null_space(mod)))
         producers = sorted(p[0] for p in prods)
         norms = [bn for _, _, bn, _ in sorted(prods, key=lambda p: p[0])]
+        slope = act.args[1] if len(act.args) > 1 else act.kwargs.get("weight")
+        per_neuron = isinstance(slope, Ref) and slope.shape.numel() > 1  # PReLU(num_parameters=K): one slope each
         return NeuronGroup(
-            "+".join(producers), producers, norms, ACTIVATIONS[act.name], sorted(names), k, w_slots, b_slots, v_slots
+            "+".join(producers),
+            producers,
+            norms,
+            ACTIVATIONS[act.name],
+            sorted(names),
+            k,
+            w_slots,
+            b_slots,
+            v_slots,
+            activation_module=(act.module or "") if per_neuron else None,
         )
 
 

@@ -13,10 +13,10 @@ from torch import Tensor
 from typing_extensions import override
 
 from lightning_bv._select import Targets, _check_targets
-from lightning_bv._trace import Trace
 from lightning_bv.callbacks._base import CallbackBase, refuse_unsupported
+from lightning_bv.callbacks._discovery import GroupDiscovery
 from lightning_bv.functional.rbv import add_rbv_grad_, add_weight_decay_grad_, group_norms, prox_
-from lightning_bv.neurons import NeuronGroup, NeuronGroups, analyze, find_neurons
+from lightning_bv.neurons import NeuronGroup, NeuronGroups, find_neurons
 
 MODES = ("prox", "penalty", "weight_decay")
 
@@ -90,7 +90,7 @@ class PathNormRegularization(CallbackBase):
         self.example_input = example_input
         self.log_every_n_steps = log_every_n_steps
         self.groups: NeuronGroups | None = None
-        self._trace: Trace | None = None
+        self._discovery = GroupDiscovery(targets, exclude)
         self._steps = 0  # optimizer steps seen (for every_n_steps); saved in checkpoints
         self._pending_lr: dict[str, float] | None = None
 
@@ -129,14 +129,13 @@ class PathNormRegularization(CallbackBase):
 
     @override
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, idx: int) -> None:
-        if self.groups is None and self._trace is None:
-            self._trace = Trace(pl_module).start()
+        if self.groups is None:
+            self._discovery.start(pl_module)
 
     def _finish_trace(self, pl_module: pl.LightningModule) -> None:
-        if self._trace is not None:
-            trace, self._trace = self._trace, None
-            trace.stop()
-            self._found(analyze(trace, pl_module, self.targets, self.exclude))
+        groups = self._discovery.finish(pl_module)
+        if groups is not None:
+            self._found(groups)
 
     @override
     def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Tensor) -> None:
@@ -144,9 +143,7 @@ class PathNormRegularization(CallbackBase):
 
     @override
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
-        if self._trace is not None:
-            self._trace.stop()
-            self._trace = None
+        self._discovery.abort()
 
     # -- the update ------------------------------------------------------------------------------------------
     def _due(self) -> bool:

@@ -1,5 +1,12 @@
 """Model surgery in plain PyTorch: low-rank weights, affine skip connections (and compaction)."""
 
+from lightning_bv.transforms.compact import (
+    CompactionReport,
+    GroupCompaction,
+    compact,
+    resize_to_state_dict_,
+    slice_optimizer_state_,
+)
 from lightning_bv.transforms.low_rank import (
     LowRankWeight,
     apply_low_rank,
@@ -14,10 +21,13 @@ from lightning_bv.transforms.skip import AffineSkip, add_skip, affine_skip_for, 
 
 __all__ = [
     "AffineSkip",
+    "CompactionReport",
+    "GroupCompaction",
     "LowRankWeight",
     "add_skip",
     "affine_skip_for",
     "apply_low_rank",
+    "compact",
     "factorize",
     "is_low_rank",
     "is_skip",
@@ -26,4 +36,6 @@ __all__ = [
     "low_rank_rank",
     "remove_low_rank",
     "remove_skip",
+    "resize_to_state_dict_",
+    "slice_optimizer_state_",
 ]

@@ -1,0 +1,247 @@
+"""NeuronPruning: cut the dead neurons out of the trained module, at the end of fit and optionally during it."""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Any
+
+import pytorch_lightning as pl
+from pytorch_lightning.strategies import ParallelStrategy
+from pytorch_lightning.utilities import rank_zero_warn
+from torch import Tensor
+from typing_extensions import override
+
+from lightning_bv._select import Targets, _check_targets
+from lightning_bv.callbacks._base import CallbackBase, refuse_sharded
+from lightning_bv.callbacks._discovery import GroupDiscovery
+from lightning_bv.neurons import NeuronGroup, NeuronGroups, find_neurons
+from lightning_bv.transforms.compact import CompactionReport, compact, resize_to_state_dict_, slice_optimizer_state_
+
+
+class NeuronPruning(CallbackBase):
+    """Remove the neurons whose score ``||v_k||_2 ||w_k||_2`` is ``<= tol`` with :func:`lightning_bv.compact`.
+
+    Pair it with :class:`~lightning_bv.callbacks.PathNormRegularization` (``mode="prox"`` makes neurons exactly dead).
+    With ``tol=0`` the function of the module is unchanged; the model just gets smaller.
+
+    * At the end of fit (``on_fit_end``, after the last checkpoint): the trained module is compacted. Under DDP every
+      rank compacts its replica of the same weights, so the ranks agree. Logging is not allowed in that hook: the
+      counts go to :attr:`report` and, on rank zero, to every logger (``logger.log_metrics``).
+    * With ``every_n_epochs``, also at the end of every n-th training epoch, on a single device only: the module is
+      compacted, the optimizers' state (momentum, Adam moments) is sliced to the kept neurons and the new Parameters
+      take the old ones' places in the optimizers, so training goes on where it was. The counts are logged with
+      ``pl_module.log`` (``bv/neurons_before``, ``bv/neurons_after``, ``bv/params_before``, ``bv/params_after``).
+
+    Other callbacks: after each compaction, every callback in ``trainer.callbacks`` whose ``groups`` attribute holds
+    :class:`~lightning_bv.NeuronGroups` of the module (as ``PathNormRegularization`` does) has them updated in place
+    to the new sizes (:meth:`~lightning_bv.transforms.compact.CompactionReport.update_groups_`). A callback that keeps
+    neuron groups or parameters under another name must refresh them itself.
+
+    Checkpoints: a checkpoint saved after a compaction holds the smaller shapes; when a fit resumes from it, the
+    callback resizes the freshly built module to those shapes before Lightning loads the weights
+    (:func:`~lightning_bv.transforms.compact.resize_to_state_dict_`), so resuming needs nothing from you. The module
+    is never pickled: pickling the callback (``ddp_spawn`` does) drops :attr:`groups` and :attr:`report`.
+
+    Args:
+        tol: remove neurons with score ``<= tol`` (a finite float >= 0).
+        every_n_epochs: also compact at the end of every n-th training epoch (single device only); None: only at the
+            end of fit.
+        on_fit_end: compact at the end of fit.
+        example_input: find the neuron groups by running the module on this at ``setup``; by default the module's
+            ``example_input_array``, else the first training step.
+        targets: only the groups whose producer matches (a str is a regex on the full module name, a list matches
+            exactly or by ``.suffix``).
+        exclude: groups to leave whole (same rule; wins over ``targets``).
+
+    Example:
+        >>> from lightning_bv.callbacks import PathNormRegularization
+        >>> callbacks = [PathNormRegularization(lam=1e-3), NeuronPruning(every_n_epochs=5)]
+        >>> trainer = pl.Trainer(callbacks=callbacks, max_epochs=1, logger=False)
+    """
+
+    def __init__(
+        self,
+        tol: float = 0.0,
+        every_n_epochs: int | None = None,
+        on_fit_end: bool = True,
+        example_input: Tensor | tuple[Any, ...] | None = None,
+        targets: Targets = None,
+        exclude: Targets = None,
+    ) -> None:
+        if isinstance(tol, bool) or not isinstance(tol, numbers.Real) or not math.isfinite(tol) or tol < 0:
+            raise ValueError(f"`tol` must be a finite float >= 0 (neurons with score <= tol are removed), got {tol!r}")
+        if every_n_epochs is not None and (
+            isinstance(every_n_epochs, bool) or not isinstance(every_n_epochs, int) or every_n_epochs < 1
+        ):
+            raise ValueError(f"`every_n_epochs` must be None or an int >= 1, got {every_n_epochs!r}")
+        if not isinstance(on_fit_end, bool):
+            raise ValueError(f"`on_fit_end` must be a bool, got {on_fit_end!r}")
+        if every_n_epochs is None and not on_fit_end:
+            raise ValueError(
+                "NeuronPruning(every_n_epochs=None, on_fit_end=False) would never compact: set `every_n_epochs` "
+                "or leave `on_fit_end=True`"
+            )
+        _check_targets("targets", targets)
+        _check_targets("exclude", exclude)
+        self.tol: float = float(tol)
+        self.every_n_epochs: int | None = every_n_epochs
+        self.at_fit_end: bool = on_fit_end  # not `self.on_fit_end`: that name is the hook
+        self.example_input: Tensor | tuple[Any, ...] | None = example_input
+        self.targets: Targets = targets
+        self.exclude: Targets = exclude
+        self.groups: NeuronGroups | None = None
+        self.report: CompactionReport | None = None
+        self.history: list[dict[str, float]] = []
+        self._discovery: GroupDiscovery = GroupDiscovery(targets, exclude)
+        self._hook: Any = None
+
+    @property
+    @override
+    def state_key(self) -> str:
+        return self._generate_state_key(tol=self.tol, every_n_epochs=self.every_n_epochs, targets=self.targets)
+
+    # -- set-up and discovery --------------------------------------------------------------------------------
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        who = type(self).__name__
+        refuse_sharded(trainer, who, "cuts whole weight rows and columns, which are split across ranks there")
+        strategy = type(trainer.strategy).__name__
+        if self.every_n_epochs is not None and isinstance(trainer.strategy, ParallelStrategy):
+            raise ValueError(
+                f"{who}(every_n_epochs={self.every_n_epochs}) compacts during training only on a single device: under "
+                f"{strategy}, DistributedDataParallel registered the parameter objects when it wrapped the model, so "
+                "they cannot be replaced mid-fit. Use every_n_epochs=None (compaction at the end of fit), or train on "
+                "one device."
+            )
+        if self.at_fit_end and type(getattr(trainer.strategy, "launcher", None)).__name__ == "_MultiProcessingLauncher":
+            raise ValueError(
+                f"{who} cannot compact at the end of a fit under {strategy} with start method "
+                f"{getattr(trainer.strategy, '_start_method', '?')!r}: the fit runs in worker processes, and Lightning "
+                "then loads rank 0's weights into the uncompacted module of the main process, which fails on the "
+                "smaller shapes. Use strategy='ddp', or call lightning_bv.compact(model, example_input=x) after fit."
+            )
+        self._hook = pl_module.register_load_state_dict_pre_hook(_resize_on_load)
+        example = self.example_input
+        if example is None:
+            example = getattr(pl_module, "example_input_array", None)
+        if self.groups is None and example is not None:
+            self.groups = find_neurons(pl_module, example, targets=self.targets, exclude=self.exclude)
+
+    @override
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
+
+    @override
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, idx: int) -> None:
+        if self.groups is None:
+            self._discovery.start(pl_module)
+
+    def _finish_discovery(self, pl_module: pl.LightningModule) -> None:
+        groups = self._discovery.finish(pl_module)
+        if groups is not None:
+            self.groups = groups
+
+    @override
+    def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Tensor) -> None:
+        self._finish_discovery(pl_module)
+
+    @override
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
+        self._finish_discovery(pl_module)  # in case on_before_backward was not reached (a custom backward)
+
+    @override
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self._discovery.abort()
+        self.teardown(trainer, pl_module, "fit")
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state.update(groups=None, report=None, _hook=None)  # they hold the module: never pickled (ddp_spawn)
+        return state
+
+    # -- compaction ------------------------------------------------------------------------------------------
+    def compact(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> CompactionReport | None:
+        """Compact ``pl_module`` now: shrink it, carry the optimizers over, update other callbacks' groups.
+
+        Returns:
+            The report, also kept in :attr:`report` (without ``param_map``, so old Parameters are not kept alive);
+            None when no neuron groups are known yet.
+        """
+        if self.groups is None:
+            rank_zero_warn(
+                f"{type(self).__name__}: no neuron groups were found (no training step ran and no example input was "
+                "given), so nothing was compacted"
+            )
+            return None
+        report = compact(pl_module, self.groups, tol=self.tol)
+        if report.param_map:
+            for optimizer in trainer.optimizers:
+                slice_optimizer_state_(optimizer, report.param_map)
+            for cb in trainer.callbacks:  # type: ignore[attr-defined]
+                groups: Any = getattr(cb, "groups", None)
+                if cb is not self and _are_groups(groups):
+                    report.update_groups_(groups)
+        report.param_map = {}
+        self.report = report
+        self.history.append(
+            {
+                "epoch": float(trainer.current_epoch),
+                "neurons_before": float(report.neurons_before),
+                "neurons_after": float(report.neurons_after),
+                "params_before": float(report.params_before),
+                "params_after": float(report.params_after),
+            }
+        )
+        return report
+
+    @staticmethod
+    def _metrics(report: CompactionReport) -> dict[str, float]:
+        return {
+            "bv/neurons_before": float(report.neurons_before),
+            "bv/neurons_after": float(report.neurons_after),
+            "bv/params_before": float(report.params_before),
+            "bv/params_after": float(report.params_after),
+        }
+
+    @override
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.every_n_epochs is None or (trainer.current_epoch + 1) % self.every_n_epochs != 0:
+            return
+        report = self.compact(trainer, pl_module)
+        if report is not None:
+            for name, value in self._metrics(report).items():
+                pl_module.log(name, value, on_step=False, on_epoch=True)
+
+    @override
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not self.at_fit_end:
+            return
+        report = self.compact(trainer, pl_module)
+        if report is not None and trainer.is_global_zero:  # pl_module.log is not allowed in on_fit_end
+            for logger in trainer.loggers:
+                logger.log_metrics(self._metrics(report), step=trainer.global_step)
+
+    # -- checkpointing ---------------------------------------------------------------------------------------
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {"history": list(self.history), "tol": self.tol}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.history = list(state_dict.get("history", []))
+
+
+def _are_groups(groups: Any) -> bool:
+    return isinstance(groups, NeuronGroups) or (
+        isinstance(groups, (list, tuple)) and len(groups) > 0 and all(isinstance(g, NeuronGroup) for g in groups)
+    )
+
+
+def _resize_on_load(module: Any, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+    """Load-state-dict pre-hook on the LightningModule: take the (compacted) sizes of the checkpoint."""
+    resize_to_state_dict_(module, state_dict, prefix)

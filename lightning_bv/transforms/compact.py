@@ -1,0 +1,736 @@
+"""Compaction: :func:`compact` cuts dead neurons out of a model; :func:`slice_optimizer_state_` follows it.
+
+A neuron whose score ``||v_k||_2 ||w_k||_2`` is 0 contributes nothing through its regularized weights (THEORY.md
+section 4: the proximal step makes such neurons). :func:`compact` removes every neuron with score ``<= tol``: the rows
+of its producer (Linear ``out_features`` / Conv ``out_channels``, the bias, the BatchNorm's ``weight``, ``bias``,
+``running_mean`` and ``running_var``), the columns of every consumer (the block of columns a channel owns after a
+flatten, its positions in a concat), and, for a low-rank layer (:func:`~lightning_bv.apply_low_rank`), the rank-1
+components (columns of ``U``, rows of ``V``). Parameters are replaced by new, smaller ``nn.Parameter`` objects (dtype,
+device and ``requires_grad`` kept); :attr:`CompactionReport.param_map` says which old Parameter became which new one
+and which entries it kept, and :func:`slice_optimizer_state_` carries an optimizer over so training goes on.
+:func:`resize_to_state_dict_` gives a freshly built model the sizes of a compacted model's ``state_dict`` so that it
+loads (resuming from a checkpoint saved after compaction).
+
+With ``tol=0`` the function is unchanged. A neuron is only removed when its contribution is provably zero or charged
+by the score: a neuron whose skip-connection (unregularized) consumer weights are nonzero, or whose input weights are
+zero but whose output is a nonzero constant, still contributes; it is kept and counted in the report.
+
+Example:
+    >>> import torch
+    >>> from torch import nn
+    >>> from lightning_bv import find_neurons
+    >>> net = nn.Sequential(nn.Linear(3, 8), nn.ReLU(), nn.Linear(8, 2))
+    >>> with torch.no_grad():
+    ...     _ = net[2].weight[:, :5].zero_()  # neurons 0..4 are dead
+    >>> x = torch.randn(4, 3)
+    >>> y = net(x)
+    >>> report = compact(net, example_input=x)
+    >>> net
+    Sequential(
+      (0): Linear(in_features=3, out_features=3, bias=True)
+      (1): ReLU()
+      (2): Linear(in_features=3, out_features=2, bias=True)
+    )
+    >>> torch.allclose(net(x), y), report.neurons_before, report.neurons_after
+    (True, 8, 3)
+
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, cast
+
+import torch
+from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.nn.utils import parametrize
+
+from lightning_bv.functional.rbv import group_norms
+from lightning_bv.neurons import NeuronGroup, NeuronGroups, find_neurons, low_rank_factors
+
+_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_BN = nn.modules.batchnorm._BatchNorm
+_U, _V = "parametrizations.weight.original0", "parametrizations.weight.original1"
+# (slot param, slot dim) -> the module axis that holds the neurons
+_AXIS = {("weight", 0): "out", ("bias", 0): "out", ("weight", 1): "in", (_V, 0): "rank", (_U, 1): "rank"}
+
+ParamMap = dict[Tensor, tuple[nn.Parameter, tuple[Tensor | None, ...]]]
+
+
+class _CannotShrink(Exception):
+    pass
+
+
+@dataclass
+class GroupCompaction:
+    """What :func:`compact` did to one neuron group.
+
+    Attributes:
+        name: the group's name.
+        before: neurons before.
+        after: neurons after.
+        removed_score: sum of the scores ``||v_k||_2 ||w_k||_2`` of the removed neurons (0 with ``tol=0``).
+        kept: neurons with score ``<= tol`` that were kept (see ``note``).
+        note: why some were kept, or why the group was left whole.
+        shrunk: False when the group could not be shrunk and was left whole.
+    """
+
+    name: str
+    before: int
+    after: int
+    removed_score: float = 0.0
+    kept: int = 0
+    note: str = ""
+    shrunk: bool = True
+
+
+@dataclass(eq=False)
+class _Change:
+    """Kept indices of one module along its axes ("out", "in", "rank"), with the sizes before."""
+
+    module: nn.Module
+    name: str
+    keep: dict[str, Tensor] = field(default_factory=dict)
+    size: dict[str, int] = field(default_factory=dict)
+    removed: dict[str, Tensor] = field(default_factory=dict)  # bool masks of the removed entries
+
+
+@dataclass(eq=False)
+class CompactionReport:
+    """The result of :func:`compact`: per-group neuron counts, the parameter count, and what was replaced.
+
+    Attributes:
+        tol: the threshold used.
+        groups: one :class:`GroupCompaction` per group, in order.
+        params_before: number of parameter entries of the whole model before.
+        params_after: the same after.
+        param_map: ``{old Parameter: (new Parameter, kept indices per dim)}`` for every replaced Parameter; an index
+            of None keeps the whole dim. Pass it to :func:`slice_optimizer_state_`.
+        neuron_groups: the groups compaction used, updated to the new sizes (usable right away).
+    """
+
+    tol: float
+    groups: list[GroupCompaction]
+    params_before: int
+    params_after: int
+    param_map: ParamMap = field(default_factory=dict, repr=False)
+    neuron_groups: NeuronGroups | None = field(default=None, repr=False)
+    _changes: dict[int, _Change] = field(default_factory=dict, repr=False)
+    _updated: set[int] = field(default_factory=set, repr=False)
+
+    @property
+    def neurons_before(self) -> int:
+        """Neurons of all groups before."""
+        return sum(g.before for g in self.groups)
+
+    @property
+    def neurons_after(self) -> int:
+        """Neurons of all groups after."""
+        return sum(g.after for g in self.groups)
+
+    @property
+    def removed_score(self) -> float:
+        """Sum of the scores of every removed neuron."""
+        return sum(g.removed_score for g in self.groups)
+
+    def update_groups_(self, groups: Iterable[NeuronGroup]) -> Iterable[NeuronGroup]:
+        """Update other neuron groups of the same model to the new sizes, in place, and return them.
+
+        Any ``NeuronGroups`` found before the compaction (another callback's, a second ``find_neurons`` call) hold
+        stale neuron counts and column indices; this remaps them. Groups already updated are left alone.
+
+        Raises:
+            ValueError: a group that does not match the compacted model (found on another model, or already stale).
+        """
+        for g in groups:
+            if id(g) not in self._updated:
+                _remap_group(g, self._changes)
+                self._updated.add(id(g))
+        return groups
+
+    def __str__(self) -> str:
+        shrunk = sum(g.before != g.after for g in self.groups)
+        ratio = self.params_after / max(self.params_before, 1)
+        lines = [
+            f"compaction (tol={self.tol:g}): {shrunk} of {len(self.groups)} group(s) shrunk, "
+            f"neurons {self.neurons_before} -> {self.neurons_after}, "
+            f"parameters {self.params_before:,} -> {self.params_after:,} ({100 * ratio:.1f}%)"
+        ]
+        rows = [("group", "neurons", "removed", "removed score", "note")]
+        for g in self.groups:
+            score = f"{g.removed_score:.4g}" if g.shrunk else "-"
+            rows.append((g.name, f"{g.before} -> {g.after}", str(g.before - g.after), score, g.note))
+        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+        lines += ["  " + "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+        return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# public functions
+# ------------------------------------------------------------------------------------------------------------
+@torch.no_grad()
+def compact(
+    model: nn.Module,
+    groups: NeuronGroup | Iterable[NeuronGroup] | None = None,
+    tol: float = 0.0,
+    example_input: Tensor | tuple[Any, ...] | None = None,
+) -> CompactionReport:
+    """Remove every neuron whose score ``||v_k||_2 ||w_k||_2`` is ``<= tol``, in place.
+
+    Everything is checked before anything changes. A group whose producer or consumer cannot be shrunk (a grouped
+    convolution, a layer of unknown type or with extra parameters, a weight tied to another module, a module
+    registered under several names) is left whole and reported with the reason; the others are shrunk. Several
+    groups touching one module (a Linear that consumes one group and produces the next, a concat read by one head,
+    a low-rank layer) are shrunk consistently. A group keeps at least one neuron so that no layer has width 0.
+
+    The ``groups`` passed in are updated to the new sizes; other groups of this model found earlier are stale:
+    update them with :meth:`CompactionReport.update_groups_` (or find them again). Build the optimizer after this
+    call, or carry it over with :func:`slice_optimizer_state_` and ``report.param_map``.
+
+    Args:
+        model: the model (not wrapped in ``DistributedDataParallel``: compact ``ddp.module`` before wrapping).
+        groups: its neuron groups (:func:`~lightning_bv.find_neurons`), or some of them; found with
+            ``example_input`` when None.
+        tol: remove neurons with score ``<= tol`` (>= 0). ``tol=0`` keeps the function exactly.
+        example_input: an input for :func:`~lightning_bv.find_neurons`, when ``groups`` is not given.
+
+    Returns:
+        CompactionReport: neurons per group before and after, the removed score, parameters before and after;
+        ``str(report)`` is a table.
+
+    Raises:
+        ValueError: ``tol`` negative or not finite; neither ``groups`` nor ``example_input``; groups that do not
+            belong to ``model`` or are stale; a module to shrink with a parametrization other than low-rank.
+        TypeError: ``model`` is not an ``nn.Module`` or is wrapped in ``DistributedDataParallel``.
+    """
+    tol = _check_tol(tol)
+    _check_model(model)
+    if groups is None:
+        if example_input is None:
+            raise ValueError(
+                "`compact` needs the model's neuron groups: pass `groups=lightning_bv.find_neurons(model, x)` or "
+                "`example_input=x`"
+            )
+        groups = find_neurons(model, example_input)
+    glist = [groups] if isinstance(groups, NeuronGroup) else list(groups)
+    index = _ModelIndex(model)
+    for g in glist:
+        index.check_group(g)
+    params_before = _count(model)
+
+    rows: list[GroupCompaction] = []
+    changes: dict[int, _Change] = {}
+    for g in glist:
+        remove, row = _decide(g, tol)
+        if bool(remove.any()):
+            try:
+                edits = _plan_group(index, g, remove)
+                _merge(changes, edits)
+            except _CannotShrink as why:
+                row = GroupCompaction(g.name, g.num_neurons, g.num_neurons, kept=row.kept + int(remove.sum()))
+                row.note, row.shrunk = f"left whole: {why}", False
+        rows.append(row)
+
+    param_map = _apply(changes)
+    report = CompactionReport(tol, rows, params_before, _count(model), param_map, None, changes)
+    report.update_groups_(glist)
+    report.neuron_groups = groups if isinstance(groups, NeuronGroups) else NeuronGroups(glist)
+    return report
+
+
+@torch.no_grad()
+def slice_optimizer_state_(optimizer: torch.optim.Optimizer, param_map: Mapping[Tensor, Any]) -> int:
+    """Carry an optimizer over a compaction: swap the replaced Parameters and slice their state, in place.
+
+    For each old Parameter in ``optimizer.param_groups`` found in ``param_map`` (``CompactionReport.param_map``), the
+    new Parameter takes its place, and every state tensor shaped like the old Parameter (SGD ``momentum_buffer``,
+    Adam ``exp_avg``, ``exp_avg_sq``, ``max_exp_avg_sq``...) is sliced to the kept entries; other state (``step``)
+    is kept. Training then goes on as if the removed neurons had never existed.
+
+    Returns:
+        The number of Parameters swapped.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> net = nn.Sequential(nn.Linear(2, 4), nn.ReLU(), nn.Linear(4, 1))
+        >>> opt = torch.optim.Adam(net.parameters())
+        >>> net(torch.randn(3, 2)).sum().backward()
+        >>> opt.step()
+        >>> with torch.no_grad():
+        ...     _ = net[2].weight[:, 0].zero_()
+        >>> report = compact(net, example_input=torch.randn(1, 2))
+        >>> slice_optimizer_state_(opt, report.param_map)  # 0.weight, 0.bias, 2.weight
+        3
+        >>> opt.state[net[0].weight]["exp_avg"].shape
+        torch.Size([3, 2])
+
+    """
+    swapped = 0
+    for group in optimizer.param_groups:
+        params = group["params"]
+        for i, p in enumerate(params):
+            entry = param_map.get(p)
+            if entry is None:
+                continue
+            new, keep = entry
+            params[i] = new  # in place: LBFGS keeps this very list as its `_params`
+            state = optimizer.state.pop(p, None)
+            if state is not None:
+                optimizer.state[new] = {k: _slice_like(v, p, keep) for k, v in state.items()}
+            swapped += 1
+    return swapped
+
+
+@torch.no_grad()
+def resize_to_state_dict_(model: nn.Module, state_dict: Mapping[str, Any], prefix: str = "") -> list[str]:
+    """Give the layers of ``model`` the sizes their entries have in ``state_dict`` (a compacted model's), in place.
+
+    So that the ``state_dict`` of a compacted model loads into a freshly built model of the original sizes: every
+    Linear, Conv, BatchNorm, PReLU and low-rank layer whose saved tensors have other sizes gets new, uninitialized
+    Parameters and buffers of the saved sizes and updated size attributes; ``model.load_state_dict(state_dict)`` then
+    fills them. Layers whose entries are missing or already match are left alone. Build the optimizer afterwards.
+
+    Args:
+        model: the freshly built model.
+        state_dict: the saved state.
+        prefix: the prefix of ``model``'s keys in ``state_dict``.
+
+    Returns:
+        The names of the resized layers.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> small = nn.Sequential(nn.Linear(3, 2), nn.ReLU(), nn.Linear(2, 1))
+        >>> fresh = nn.Sequential(nn.Linear(3, 8), nn.ReLU(), nn.Linear(8, 1))
+        >>> resize_to_state_dict_(fresh, small.state_dict())
+        ['0', '2']
+        >>> fresh.load_state_dict(small.state_dict())
+        <All keys matched successfully>
+
+    """
+    resized = []
+    for name, m in model.named_modules():
+        base = prefix + (f"{name}." if name else "")
+        saved = {k[len(base) :]: v for k, v in state_dict.items() if k.startswith(base) and isinstance(v, Tensor)}
+        if _resize_module(m, saved):
+            resized.append(name)
+    return resized
+
+
+def _resize_module(m: Any, saved: dict[str, Tensor]) -> bool:
+    def fresh(old: Any, shape: tuple[int, ...]) -> Any:
+        new = old.new_empty(shape)
+        return nn.Parameter(new, requires_grad=old.requires_grad) if isinstance(old, nn.Parameter) else new
+
+    if isinstance(m, nn.PReLU):
+        w = saved.get("weight")
+        if w is None or w.shape == m.weight.shape:
+            return False
+        m.weight, m.num_parameters = fresh(m.weight, tuple(w.shape)), int(w.shape[0])
+        return True
+    if isinstance(m, _BN):
+        w = next((saved[k] for k in ("weight", "running_mean") if k in saved), None)
+        if w is None or w.dim() != 1 or w.shape[0] == m.num_features:
+            return False
+        for attr in ("weight", "bias", "running_mean", "running_var"):
+            if getattr(m, attr) is not None:
+                setattr(m, attr, fresh(getattr(m, attr), (int(w.shape[0]),)))
+        m.num_features = int(w.shape[0])
+        return True
+    if not isinstance(m, (nn.Linear, *_CONVS)) or getattr(m, "groups", 1) != 1:
+        return False
+    kernel = tuple(m.weight.shape[2:])
+    factors = low_rank_factors(m)
+    if factors is None:
+        w = saved.get("weight")
+        if w is None or w.shape == m.weight.shape or tuple(w.shape[2:]) != kernel:
+            return False
+        out, inp = int(w.shape[0]), int(w.shape[1])
+        m.weight = fresh(m.weight, tuple(w.shape))
+    else:
+        u, v = saved.get(_U), saved.get(_V)
+        if u is None or v is None or (u.shape, v.shape) == (factors[0].shape, factors[1].shape):
+            return False
+        plist: Any = cast(Any, m).parametrizations["weight"]
+        out, inp = int(u.shape[0]), int(v.shape[1]) // max(math.prod(kernel), 1)
+        plist.original0, plist.original1 = fresh(factors[0], tuple(u.shape)), fresh(factors[1], tuple(v.shape))
+        lrw = next(p for p in plist if getattr(p, "lbv_low_rank", False))
+        lrw.weight_shape, lrw.rank = (out, inp, *kernel), int(u.shape[1])
+    if m.bias is not None:
+        m.bias = fresh(m.bias, (out,))
+    linear = isinstance(m, nn.Linear)
+    setattr(m, "out_features" if linear else "out_channels", out)
+    setattr(m, "in_features" if linear else "in_channels", inp)
+    return True
+
+
+# ------------------------------------------------------------------------------------------------------------
+# checks
+# ------------------------------------------------------------------------------------------------------------
+def _check_tol(tol: object) -> float:
+    if isinstance(tol, bool) or not isinstance(tol, numbers.Real) or not math.isfinite(tol) or tol < 0:
+        raise ValueError(f"`tol` must be a finite float >= 0 (neurons with score <= tol are removed), got {tol!r}")
+    return float(tol)
+
+
+def _check_model(model: object) -> None:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"`model` must be an nn.Module, got {type(model).__name__}")
+    for name, m in model.named_modules():
+        if isinstance(m, DistributedDataParallel):
+            where = "`model`" if name == "" else f"module '{name}' of `model`"
+            raise TypeError(
+                f"{where} is wrapped in DistributedDataParallel, which registered its parameters when it wrapped the "
+                "model; they cannot be replaced. Compact the plain module (`ddp.module`) before wrapping it, or "
+                "after training, then wrap it again."
+            )
+
+
+def _count(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+class _ModelIndex:
+    """Names, aliases and parameter owners of a model, for the checks."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.names: dict[int, list[str]] = {}
+        self.owners: dict[int, set[str]] = {}
+        for name, m in model.named_modules(remove_duplicate=False):
+            self.names.setdefault(id(m), []).append(name)
+            for _, p in m.named_parameters(recurse=False):
+                self.owners.setdefault(id(p), set()).add(name)
+
+    def get(self, name: str) -> nn.Module:
+        try:
+            return self.model.get_submodule(name)
+        except AttributeError as err:
+            raise ValueError(
+                f"The neuron groups name a module '{name}' that `model` does not have: pass groups found on this "
+                "model (find_neurons(model, x))"
+            ) from err
+
+    def check_group(self, g: NeuronGroup) -> None:
+        """Raise unless ``g`` was found on this model and still matches its sizes."""
+        k = g.num_neurons
+        for s in g.slots():
+            if self.get(s.module_name) is not s.module:
+                raise ValueError(
+                    f"Group '{g.name}' refers to a module '{s.module_name}' that is not the one in `model`: pass "
+                    "groups found on this model (find_neurons(model, x))"
+                )
+            shape = s.tensor().shape
+            if s.dim == 0:
+                ok = shape[0] == k
+            elif s.index is None:
+                ok = shape[1] == k
+            else:
+                ok = s.index.shape[0] == k and int(s.index.max()) < shape[1]
+            if not ok:
+                raise ValueError(
+                    f"Group '{g.name}' has {k} neurons, which does not match {s!r} of shape {tuple(shape)}: the "
+                    "groups are stale (found before the model changed). Find them again, or update them with "
+                    "CompactionReport.update_groups_."
+                )
+
+    def check_layout(self, name: str, m: nn.Module, kind: str) -> None:
+        """Raise _CannotShrink (or ValueError for an unknown parametrization) unless compact can shrink ``m``."""
+        if kind == "norm" and not isinstance(m, _BN):
+            raise _CannotShrink(f"'{name}' is a {type(m).__name__}, not a BatchNorm")
+        if kind == "prelu" and not isinstance(m, nn.PReLU):
+            raise _CannotShrink(f"its per-neuron activation slopes are in '{name}' ({type(m).__name__}), not a PReLU")
+        if kind == "layer" and not isinstance(m, (nn.Linear, *_CONVS)):
+            raise _CannotShrink(f"'{name}' is a {type(m).__name__}, which compact cannot shrink (Linear/Conv only)")
+        if isinstance(m, _CONVS) and m.groups != 1:
+            raise _CannotShrink(f"'{name}' is a grouped convolution (groups={m.groups})")
+        low_rank = _check_parametrizations(name, m)
+        allowed = {"bias"} if low_rank else {"weight"} if kind == "prelu" else {"weight", "bias"}
+        extra = sorted(set(m._parameters) - allowed)
+        buffers = {"running_mean", "running_var", "num_batches_tracked"} if kind == "norm" else set()
+        extra += sorted(set(m._buffers) - buffers)
+        if extra:
+            raise _CannotShrink(
+                f"'{name}' ({type(m).__name__}) has tensors {extra} that compact does not know how to shrink"
+            )
+        if any(isinstance(p, nn.parameter.UninitializedParameter) for p in m.parameters()):
+            raise _CannotShrink(f"'{name}' is a lazy module that is not initialized yet")
+        aliases = self.names.get(id(m), [name])
+        if len(aliases) > 1:
+            raise _CannotShrink(
+                f"'{name}' is registered under several names {aliases}; it may be called elsewhere in the model"
+            )
+        for p in m.parameters():
+            shared = self.owners.get(id(p), set()) - {name, f"{name}.parametrizations.weight".lstrip(".")}
+            if shared:
+                raise _CannotShrink(f"a parameter of '{name}' is shared with {sorted(shared)} (tied weights)")
+
+
+def _check_parametrizations(name: str, m: nn.Module) -> bool:
+    """True for a low-rank module; ValueError for any parametrization compact does not understand."""
+    if not parametrize.is_parametrized(m):
+        return False
+    plists = cast(Any, m).parametrizations
+    for tensor, plist in plists.items():
+        if tensor != "weight" or low_rank_factors(m) is None:
+            kinds = [type(p).__name__ for p in plist]
+            raise ValueError(
+                f"Cannot compact '{name}': its `{tensor}` is parametrized by {kinds}, which compact does not know "
+                "how to shrink (only LowRankWeight from apply_low_rank). Remove it first "
+                "(torch.nn.utils.parametrize.remove_parametrizations)."
+            )
+    return True
+
+
+# ------------------------------------------------------------------------------------------------------------
+# planning
+# ------------------------------------------------------------------------------------------------------------
+def _decide(g: NeuronGroup, tol: float) -> tuple[Tensor, GroupCompaction]:
+    """Which neurons of ``g`` to remove, and the report row if all goes well."""
+    k = g.num_neurons
+    try:
+        w, v = group_norms(g, 2)
+    except ValueError as why:
+        return torch.zeros(k, dtype=torch.bool), GroupCompaction(g.name, k, k, note=f"left whole: {why}", shrunk=False)
+    w, v = w.detach().double().cpu(), v.detach().double().cpu()
+    score = w * v
+    cand = score <= tol
+
+    def per_neuron(slots: Iterable[Any]) -> Tensor:
+        total = torch.zeros(k, dtype=torch.float64)
+        for s in slots:
+            total += s.reduce(s.tensor().detach(), "sq").double().cpu()
+        return total
+
+    skip_read = per_neuron(s for s in g.v_slots if not s.regularized) > 0
+    w_any = per_neuron(g.w_slots) > 0
+    bias = torch.zeros(k, dtype=torch.float64)
+    for s in g.b_slots:
+        bias += s.tensor().detach().double().cpu().reshape(k)
+    silent = bias <= 0 if g.activation == "relu" else bias == 0  # s(b) == 0
+    zero_out = ~w_any & silent  # the activation is exactly 0: nothing it feeds can notice it is gone
+    remove = cand & (zero_out | (~skip_read & ((v == 0) | ((w > 0) & (v > 0)))))
+    reasons = []
+    n_skip = int((cand & ~remove & skip_read).sum())
+    if n_skip:
+        reasons.append(f"{n_skip} read by a skip connection")
+    n_const = int((cand & ~remove).sum()) - n_skip
+    if n_const:
+        reasons.append(f"{n_const} with zero input weights but a nonzero output")
+    if bool(remove.all()) and k > 0:
+        remove[int(torch.argmax(score.nan_to_num(-1.0)))] = False
+        reasons.append("1 so that the layer keeps a neuron")
+    row = GroupCompaction(g.name, k, k - int(remove.sum()), removed_score=float(score[remove].sum()))
+    row.kept = int((cand & ~remove).sum())
+    if reasons:
+        row.note = "kept " + ", ".join(reasons)
+    return remove, row
+
+
+def _plan_group(index: _ModelIndex, g: NeuronGroup, remove: Tensor) -> list[tuple[_Change, str, Tensor]]:
+    """The removals ``g`` needs: (module change, axis, bool mask of removed entries along that axis)."""
+    k = g.num_neurons
+    edits: list[tuple[_Change, str, Tensor]] = []
+
+    def add(name: str, m: nn.Module, axis: str, mask: Tensor) -> None:
+        edits.append((_Change(m, name), axis, mask))
+
+    rank_slots = [s for s in g.slots() if s.param in (_U, _V)]
+    if rank_slots:  # the rank-1 components of a low-rank layer
+        s = rank_slots[0]
+        if any(r.module is not s.module for r in rank_slots) or len(rank_slots) != len(g.slots()):
+            raise _CannotShrink("it mixes low-rank components with other weights")
+        index.check_layout(s.module_name, s.module, "layer")
+        factors = low_rank_factors(s.module)
+        if factors is None or factors[0].shape[1] != k:
+            raise ValueError(f"Group '{g.name}' does not match the rank of '{s.module_name}': the groups are stale")
+        add(s.module_name, s.module, "rank", remove)
+        return edits
+
+    for prod, norm in zip(g.producers, g.norms):
+        m = index.get(prod)
+        index.check_layout(prod, m, "layer")
+        _check_size(g, prod, int(cast(Tensor, m.weight).shape[0]), "output features")
+        add(prod, m, "out", remove)
+        if norm is not None:
+            bn = index.get(norm)
+            index.check_layout(norm, bn, "norm")
+            _check_size(g, norm, int(cast(Any, bn).num_features), "features")
+            add(norm, bn, "out", remove)
+    if g.activation_module is not None:  # a PReLU with one slope per neuron
+        act = index.get(g.activation_module)
+        index.check_layout(g.activation_module, act, "prelu")
+        _check_size(g, g.activation_module, int(cast(Any, act).num_parameters), "slopes")
+        add(g.activation_module, act, "out", remove)
+    for s in g.slots():
+        if _AXIS.get((s.param, s.dim)) is None or (s.dim == 0 and s.module_name not in g.producers + g.norms):
+            raise _CannotShrink(f"its slot {s!r} is not a producer row or a consumer column compact knows")
+    for s in g.v_slots:
+        index.check_layout(s.module_name, s.module, "layer")
+        n_in = int(s.tensor().shape[1])
+        mask = torch.zeros(n_in, dtype=torch.bool)
+        if s.index is None:
+            _check_size(g, s.module_name, n_in, "input features")
+            mask[remove] = True
+        else:
+            if s.index.shape[0] != k or int(s.index.max()) >= n_in:
+                raise ValueError(f"Group '{g.name}' does not match the columns of '{s.module_name}': stale groups")
+            mask[s.index[remove].flatten().cpu()] = True
+        add(s.module_name, s.module, "in", mask)
+    return edits
+
+
+def _check_size(g: NeuronGroup, name: str, size: int, what: str) -> None:
+    if size != g.num_neurons:
+        raise ValueError(
+            f"Group '{g.name}' has {g.num_neurons} neurons but '{name}' has {size} {what}: the groups are stale (found "
+            "before the model changed). Find them again, or update them with CompactionReport.update_groups_."
+        )
+
+
+def _merge(changes: dict[int, _Change], edits: list[tuple[_Change, str, Tensor]]) -> None:
+    """Add one group's removals to ``changes``, unless they collide with another group's (then add nothing)."""
+    for c, axis, mask in edits:
+        old = changes.get(id(c.module))
+        prev = None if old is None else old.removed.get(axis)
+        if prev is not None and (axis != "in" or prev.shape != mask.shape or bool((prev & mask).any())):
+            raise _CannotShrink(f"another group already removes entries of '{c.name}' ({axis} axis)")
+    for c, axis, mask in edits:
+        old = changes.setdefault(id(c.module), c)
+        prev = old.removed.get(axis)
+        old.removed[axis] = mask if prev is None else prev | mask
+
+
+# ------------------------------------------------------------------------------------------------------------
+# applying
+# ------------------------------------------------------------------------------------------------------------
+def _apply(changes: dict[int, _Change]) -> ParamMap:
+    """Build every new tensor first, then swap them in (restoring everything if a swap fails)."""
+    plan: list[tuple[nn.Module, str, Any]] = []  # (owner, attribute, new value)
+    param_map: ParamMap = {}
+    for c in changes.values():
+        for axis, mask in c.removed.items():
+            c.size[axis] = int(mask.numel())
+            c.keep[axis] = torch.nonzero(~mask).flatten()
+        plan += _module_plan(c, param_map)
+    done: list[tuple[nn.Module, str, Any]] = []
+    try:
+        for owner, attr, value in plan:
+            done.append((owner, attr, getattr(owner, attr)))
+            setattr(owner, attr, value)
+    except BaseException:
+        for owner, attr, value in reversed(done):
+            setattr(owner, attr, value)
+        raise
+    return param_map
+
+
+def _module_plan(c: _Change, param_map: ParamMap) -> list[tuple[nn.Module, str, Any]]:
+    m: Any = c.module
+    out, inp, rank = c.keep.get("out"), c.keep.get("in"), c.keep.get("rank")
+    plan: list[tuple[nn.Module, str, Any]] = []
+
+    def param(owner: nn.Module, attr: str, keep: tuple[Tensor | None, ...]) -> None:
+        old = getattr(owner, attr)
+        if old is None or all(i is None for i in keep):
+            return
+        new = nn.Parameter(_take(old.detach(), keep), requires_grad=old.requires_grad)
+        param_map[old] = (new, keep)
+        plan.append((owner, attr, new))
+
+    if isinstance(m, nn.PReLU):
+        param(m, "weight", (out,))
+        plan.append((m, "num_parameters", int(cast(Tensor, out).numel())))
+        return plan
+    if isinstance(m, _BN):
+        param(m, "weight", (out,))
+        param(m, "bias", (out,))
+        for buf in ("running_mean", "running_var"):
+            if getattr(m, buf) is not None:
+                plan.append((m, buf, _take(getattr(m, buf), (out,))))
+        if out is not None:
+            plan.append((m, "num_features", int(out.numel())))
+        return plan
+    factors = low_rank_factors(m)
+    if factors is None:
+        param(m, "weight", (out, inp))
+        shape = None
+    else:
+        u, v = factors
+        kernel = v.shape[1] // m.weight.shape[1]
+        cols = None if inp is None else (inp[:, None] * kernel + torch.arange(kernel)).flatten()
+        plist = m.parametrizations["weight"]
+        param(plist, "original0", (out, rank))
+        param(plist, "original1", (rank, cols))
+        shape = list(m.weight.shape)
+    param(m, "bias", (out,))
+    is_linear = isinstance(m, nn.Linear)
+    if out is not None:
+        plan.append((m, "out_features" if is_linear else "out_channels", int(out.numel())))
+    if inp is not None:
+        plan.append((m, "in_features" if is_linear else "in_channels", int(inp.numel())))
+    if shape is not None:
+        shape[0] = shape[0] if out is None else int(out.numel())
+        shape[1] = shape[1] if inp is None else int(inp.numel())
+        lrw = next(p for p in m.parametrizations["weight"] if getattr(p, "lbv_low_rank", False))
+        plan.append((lrw, "weight_shape", tuple(shape)))
+        if rank is not None:
+            plan.append((lrw, "rank", int(rank.numel())))
+    return plan
+
+
+def _take(t: Tensor, keep: tuple[Tensor | None, ...]) -> Tensor:
+    for dim, idx in enumerate(keep):
+        if idx is not None:
+            t = t.index_select(dim, idx.to(t.device))
+    return t.contiguous()
+
+
+def _slice_like(value: Any, old: Tensor, keep: tuple[Tensor | None, ...]) -> Any:
+    if isinstance(value, Tensor) and value.dim() > 0 and value.shape == old.shape:
+        return _take(value, keep)
+    return value
+
+
+# ------------------------------------------------------------------------------------------------------------
+# updating neuron groups
+# ------------------------------------------------------------------------------------------------------------
+def _remap_group(g: NeuronGroup, changes: dict[int, _Change]) -> None:
+    first = g.w_slots[0] if g.w_slots else None
+    c = changes.get(id(first.module)) if first is not None else None
+    axis = _AXIS.get((first.param, first.dim)) if first is not None else None
+    kept = c.keep.get(axis) if c is not None and axis is not None else None
+    if kept is None:  # this group's neurons are unchanged; its consumers' columns may have moved
+        kept = torch.arange(g.num_neurons)
+    elif c is not None and axis is not None and c.size[axis] != g.num_neurons:
+        raise ValueError(f"Group '{g.name}' does not match the compacted model (stale groups)")
+    new_index: list[Tensor | None] = []
+    for s in g.v_slots:
+        sc = changes.get(id(s.module))
+        s_axis = _AXIS.get((s.param, s.dim))
+        s_kept = sc.keep.get(s_axis) if sc is not None and s_axis is not None else None
+        old = s.index if s.index is not None else torch.arange(g.num_neurons).unsqueeze(1)
+        if s_kept is None:
+            cols = old[kept]
+        else:
+            assert sc is not None
+            assert s_axis is not None
+            colmap = torch.full((sc.size[s_axis],), -1, dtype=torch.long)
+            colmap[s_kept] = torch.arange(s_kept.numel())
+            if int(old.max()) >= colmap.numel():
+                raise ValueError(f"Group '{g.name}' does not match the compacted model (stale groups)")
+            cols = colmap[old[kept]]
+            if bool((cols < 0).any()):
+                raise ValueError(f"Group '{g.name}' keeps a neuron whose columns of '{s.module_name}' were removed")
+        width = int(s.tensor().shape[1])
+        trivial = cols.shape[1] == 1 and cols.shape[0] == width and bool((cols.flatten() == torch.arange(width)).all())
+        new_index.append(None if trivial else cols)
+    for s, idx in zip(g.v_slots, new_index):
+        s.index = idx
+    g.num_neurons = int(kept.numel())
