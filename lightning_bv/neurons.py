@@ -325,6 +325,12 @@ class _Analysis:
             raise _Skip(f"'{op.name}' is called outside a {types[0].__name__.rstrip('123d')} module ({name})")
         if self.t.calls.get(name, 0) != 1:
             raise _Skip(f"module '{name}' is called {self.t.calls.get(name, 0)} times (shared weights)")
+        for param in ("weight", "bias"):
+            if parametrize.is_parametrized(mod, param) and (param == "bias" or low_rank_factors(mod) is None):
+                raise _Skip(
+                    f"the {param} of '{name}' has a parametrization lightning_bv cannot rescale in place "
+                    f"(only apply_low_rank's is understood)"
+                )
         return name, mod
 
     # -- producer side ---------------------------------------------------------------------------------------

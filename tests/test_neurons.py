@@ -240,3 +240,11 @@ def test_rng_state_restored():
     torch.manual_seed(0)
     find_neurons(net, torch.ones(4, 3))  # dropout draws inside a forked RNG
     assert torch.equal(torch.rand(3), expected)
+
+
+def test_foreign_parametrization_is_skipped_not_silently_ignored():
+    net = nn.Sequential(nn.Linear(3, 8), nn.ReLU(), nn.Linear(8, 2))
+    torch.nn.utils.parametrizations.weight_norm(net[0])
+    groups = find_neurons(net, torch.randn(2, 3))
+    assert len(groups) == 0
+    assert "parametrization lightning_bv cannot rescale" in groups.skipped[0][1]
