@@ -2,6 +2,7 @@
 
 from lightning_bv._select import TargetsMatchNothingError
 from lightning_bv.functional import (
+    NonFiniteWeightsError,
     add_rbv_grad_,
     add_weight_decay_grad_,
     balance_,
@@ -43,6 +44,7 @@ __all__ = [
     "LowRankWeight",
     "NeuronGroup",
     "NeuronGroups",
+    "NonFiniteWeightsError",
     "RBVBlock",
     "RBVNet",
     "Slot",

@@ -9,7 +9,9 @@ tensors become integer value ids, and in-place ops give their result a fresh id.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -92,8 +94,27 @@ class Value:
     uses: list[int] = field(default_factory=list)
 
 
+def force_eager() -> AbstractContextManager[Any]:
+    """A context in which code compiled with ``torch.compile`` runs eagerly (``torch.compiler.set_stance``).
+
+    Entered on creation, so it can span Lightning hooks; ``__exit__`` restores the previous stance. The trace needs
+    the real Python calls: inside compiled code Dynamo would trace the recording mode itself (slow, and it gives up
+    after a few recompiles). A no-op when Dynamo was never imported (then nothing is compiled) or is too old to have
+    stances (torch < 2.6).
+    """
+    dynamo = sys.modules.get("torch._dynamo")
+    set_stance = getattr(dynamo, "set_stance", None) if dynamo is not None else None
+    if set_stance is None:
+        return nullcontext()
+    return set_stance("force_eager")
+
+
 class Trace(TorchFunctionMode):
-    """Record ops while active. Use as a context manager, or ``start()``/``stop()`` across Lightning hooks."""
+    """Record ops while active. Use as a context manager, or ``start()``/``stop()`` across Lightning hooks.
+
+    While active, modules compiled with ``torch.compile`` (an ``OptimizedModule``, or a compiled LightningModule passed
+    to ``fit``) run eagerly, so that their ops are recorded; groups then name the layers under ``<name>._orig_mod``.
+    """
 
     def __init__(self, root: nn.Module) -> None:
         super().__init__()
@@ -104,6 +125,7 @@ class Trace(TorchFunctionMode):
         self._stack: list[str] = []
         self.calls: dict[str, int] = {}
         self._handles: list[Any] = []
+        self._eager: AbstractContextManager[Any] | None = None
         self.active = False
 
     # -- module attribution -------------------------------------------------------------------------------
@@ -127,6 +149,7 @@ class Trace(TorchFunctionMode):
         return hook
 
     def start(self) -> Trace:
+        self._eager = force_eager()
         self._hook_modules()
         self.__enter__()
         self.active = True
@@ -136,6 +159,9 @@ class Trace(TorchFunctionMode):
         if self.active:
             self.active = False
             self.__exit__(None, None, None)
+        if self._eager is not None:
+            eager, self._eager = self._eager, None
+            eager.__exit__(None, None, None)
         for h in self._handles:
             h.remove()
         self._handles.clear()

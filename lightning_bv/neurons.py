@@ -320,9 +320,10 @@ class _Analysis:
 
     def module_of(self, op: Op, types: tuple[type, ...]) -> tuple[str, Any]:
         name = op.module
-        mod = self.modules.get(name) if name is not None else None
-        if name is None or mod is None or not isinstance(mod, types):
+        found = self.modules.get(name) if name is not None else None
+        if name is None or found is None or not isinstance(found, types):
             raise _Skip(f"'{op.name}' is called outside a {types[0].__name__.rstrip('123d')} module ({name})")
+        mod: Any = found
         if self.t.calls.get(name, 0) != 1:
             raise _Skip(f"module '{name}' is called {self.t.calls.get(name, 0)} times (shared weights)")
         for param in ("weight", "bias"):

@@ -6,6 +6,7 @@ from typing import Any
 
 import pytorch_lightning as pl
 from pytorch_lightning.utilities import rank_zero_warn
+from torch import Tensor
 
 try:  # the unified package, when installed, has its own Callback class that its Trainer checks for
     import lightning.pytorch as _L
@@ -19,11 +20,29 @@ class CallbackBase(*_BASES):  # type: ignore[misc]
     """Base of every lightning_bv callback."""
 
 
+def _check_example_input(example_input: object) -> None:
+    """``example_input`` of a callback that runs :func:`lightning_bv.find_neurons` on it: None, a tensor or a tuple."""
+    if example_input is not None and not isinstance(example_input, (Tensor, tuple)):
+        raise TypeError(
+            "`example_input` must be None, a tensor or a tuple of positional arguments of the LightningModule's "
+            f"forward, got {type(example_input).__name__}"
+        )
+
+
 _SHARDED = ("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy", "XLAFSDPStrategy")
 
 
 def _is_sharded(trainer: Any) -> bool:
     return any(cls.__name__ in _SHARDED for cls in type(trainer.strategy).__mro__)
+
+
+def is_parallel(trainer: Any) -> bool:
+    """Whether the Trainer's strategy runs several processes (DDP, FSDP...).
+
+    By class name, not ``isinstance``: the strategies of ``pytorch_lightning`` and of ``lightning.pytorch`` are
+    different classes, and the callbacks serve both Trainers.
+    """
+    return any(cls.__name__ == "ParallelStrategy" for cls in type(trainer.strategy).__mro__)
 
 
 def refuse_sharded(trainer: Any, who: str, why: str) -> None:

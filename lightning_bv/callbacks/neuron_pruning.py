@@ -2,18 +2,18 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 from typing import Any
 
 import pytorch_lightning as pl
-from pytorch_lightning.strategies import ParallelStrategy
 from pytorch_lightning.utilities import rank_zero_warn
 from torch import Tensor
 from typing_extensions import override
 
 from lightning_bv._select import Targets, _check_targets
-from lightning_bv.callbacks._base import CallbackBase, refuse_sharded
+from lightning_bv.callbacks._base import CallbackBase, _check_example_input, is_parallel, refuse_sharded
 from lightning_bv.callbacks._discovery import GroupDiscovery
 from lightning_bv.neurons import NeuronGroup, NeuronGroups, find_neurons
 from lightning_bv.transforms.compact import CompactionReport, compact, resize_to_state_dict_, slice_optimizer_state_
@@ -40,7 +40,9 @@ class NeuronPruning(CallbackBase):
 
     Checkpoints: a checkpoint saved after a compaction holds the smaller shapes; when a fit resumes from it, the
     callback resizes the freshly built module to those shapes before Lightning loads the weights
-    (:func:`~lightning_bv.transforms.compact.resize_to_state_dict_`), so resuming needs nothing from you. The module
+    (:func:`~lightning_bv.transforms.compact.resize_to_state_dict_`), so resuming needs nothing from you. It does so
+    only for a checkpoint whose NeuronPruning state records a compaction, and only to smaller sizes: a checkpoint of
+    another architecture still fails to load with the mismatching keys named. The module
     is never pickled: pickling the callback (``ddp_spawn`` does) drops :attr:`groups` and :attr:`report`.
 
     Args:
@@ -82,6 +84,7 @@ class NeuronPruning(CallbackBase):
                 "NeuronPruning(every_n_epochs=None, on_fit_end=False) would never compact: set `every_n_epochs` "
                 "or leave `on_fit_end=True`"
             )
+        _check_example_input(example_input)
         _check_targets("targets", targets)
         _check_targets("exclude", exclude)
         self.tol: float = float(tol)
@@ -109,7 +112,7 @@ class NeuronPruning(CallbackBase):
         who = type(self).__name__
         refuse_sharded(trainer, who, "cuts whole weight rows and columns, which are split across ranks there")
         strategy = type(trainer.strategy).__name__
-        if self.every_n_epochs is not None and isinstance(trainer.strategy, ParallelStrategy):
+        if self.every_n_epochs is not None and is_parallel(trainer):
             raise ValueError(
                 f"{who}(every_n_epochs={self.every_n_epochs}) compacts during training only on a single device: under "
                 f"{strategy}, DistributedDataParallel registered the parameter objects when it wrapped the model, so "
@@ -123,12 +126,13 @@ class NeuronPruning(CallbackBase):
                 "then loads rank 0's weights into the uncompacted module of the main process, which fails on the "
                 "smaller shapes. Use strategy='ddp', or call lightning_bv.compact(model, example_input=x) after fit."
             )
-        self._hook = pl_module.register_load_state_dict_pre_hook(_resize_on_load)
         example = self.example_input
         if example is None:
             example = getattr(pl_module, "example_input_array", None)
         if self.groups is None and example is not None:
             self.groups = find_neurons(pl_module, example, targets=self.targets, exclude=self.exclude)
+        self.teardown(trainer, pl_module, stage)  # a second fit: one hook only
+        self._hook = pl_module.register_load_state_dict_pre_hook(functools.partial(_resize_on_load, trainer))
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -242,6 +246,24 @@ def _are_groups(groups: Any) -> bool:
     )
 
 
-def _resize_on_load(module: Any, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
-    """Load-state-dict pre-hook on the LightningModule: take the (compacted) sizes of the checkpoint."""
+def _compacted(checkpoint: dict[str, Any]) -> bool:
+    """Whether a Lightning checkpoint records a compaction by a NeuronPruning callback that removed parameters."""
+    states = checkpoint.get("callbacks") or {}
+    return any(
+        str(key).startswith(NeuronPruning.__name__)
+        and any(h.get("params_after", 0) < h.get("params_before", 0) for h in state.get("history", []))
+        for key, state in states.items()
+        if isinstance(state, dict)
+    )
+
+
+def _resize_on_load(trainer: Any, module: Any, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+    """Load-state-dict pre-hook on the LightningModule: take the (compacted, smaller) sizes of the checkpoint.
+
+    When Lightning restores a checkpoint (``ckpt_path=``), only if that checkpoint records a compaction: the weights of
+    a model of another architecture are then not resized to fit, and ``load_state_dict`` names the mismatching keys.
+    """
+    checkpoint = getattr(getattr(trainer, "_checkpoint_connector", None), "_loaded_checkpoint", None)
+    if isinstance(checkpoint, dict) and checkpoint and not _compacted(checkpoint):
+        return
     resize_to_state_dict_(module, state_dict, prefix)

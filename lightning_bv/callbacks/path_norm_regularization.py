@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytorch_lightning as pl
@@ -13,12 +14,19 @@ from torch import Tensor
 from typing_extensions import override
 
 from lightning_bv._select import Targets, _check_targets
-from lightning_bv.callbacks._base import CallbackBase, refuse_unsupported
+from lightning_bv.callbacks._base import CallbackBase, _check_example_input, refuse_unsupported
 from lightning_bv.callbacks._discovery import GroupDiscovery
-from lightning_bv.functional.rbv import add_rbv_grad_, add_weight_decay_grad_, group_norms, prox_
+from lightning_bv.functional.rbv import (
+    NonFiniteWeightsError,
+    add_rbv_grad_,
+    add_weight_decay_grad_,
+    group_norms,
+    prox_,
+)
 from lightning_bv.neurons import NeuronGroup, NeuronGroups, find_neurons
 
 MODES = ("prox", "penalty", "weight_decay")
+ON_NONFINITE = ("raise", "skip")
 
 
 class PathNormRegularization(CallbackBase):
@@ -36,6 +44,12 @@ class PathNormRegularization(CallbackBase):
         * ``"weight_decay"``: adds the gradient of ``lam/2 * sum(||v||^2 + ||w||^2)`` over the grouped weights
           only (biases and everything else untouched); equal to ``R`` at balance (THEORY.md section 3).
 
+    Set-ups: works with ``pytorch_lightning`` and ``lightning`` Trainers, DDP (every rank applies the same update
+    to its replica), gradient accumulation, mixed precision, several parameter groups, and modules compiled with
+    ``torch.compile`` (the discovery step runs them eagerly; the groups are named under ``<module>._orig_mod``).
+    Refused at ``setup``: manual optimization (call :func:`lightning_bv.prox_` after your ``optimizer.step()``
+    instead) and sharded strategies (FSDP, DeepSpeed), which split the weight rows this reads.
+
     Args:
         lam: regularization strength ``>= 0``, or a callable of the global step returning it (use a picklable
             class instance, not a lambda, with ``strategy="ddp_spawn"``).
@@ -50,6 +64,12 @@ class PathNormRegularization(CallbackBase):
             training step.
         log_every_n_steps: how often ``bv/rbv_norm``, ``bv/active_neurons`` and ``bv/active_fraction`` are
             computed and logged (None: the Trainer's ``log_every_n_steps``).
+        on_nonfinite: what to do when a group's weights are NaN or infinite (checked on the norms each update
+            computes anyway, before the group is changed): ``"raise"`` stops the fit with a
+            :class:`~lightning_bv.functional.rbv.NonFiniteWeightsError` (a ``FloatingPointError``) naming the group
+            and the step; ``"skip"`` leaves that group alone at that step, warns on the first skip and counts them
+            in :attr:`nonfinite_skips`. In ``"weight_decay"`` mode, which needs no norms, the check reads the
+            weights once more.
 
     Example:
         >>> import pytorch_lightning as pl
@@ -66,6 +86,7 @@ class PathNormRegularization(CallbackBase):
         every_n_steps: int = 1,
         example_input: Tensor | tuple[Any, ...] | None = None,
         log_every_n_steps: int | None = None,
+        on_nonfinite: str = "raise",
     ) -> None:
         if not callable(lam) and (
             isinstance(lam, bool) or not isinstance(lam, (int, float)) or not math.isfinite(lam) or lam < 0
@@ -77,8 +98,16 @@ class PathNormRegularization(CallbackBase):
             raise ValueError(f"`mode` must be one of {MODES}, got {mode!r}")
         if isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int) or every_n_steps < 1:
             raise ValueError(f"`every_n_steps` must be an int >= 1, got {every_n_steps!r}")
-        if log_every_n_steps is not None and (not isinstance(log_every_n_steps, int) or log_every_n_steps < 1):
+        if log_every_n_steps is not None and (
+            isinstance(log_every_n_steps, bool) or not isinstance(log_every_n_steps, int) or log_every_n_steps < 1
+        ):
             raise ValueError(f"`log_every_n_steps` must be None or an int >= 1, got {log_every_n_steps!r}")
+        if on_nonfinite not in ON_NONFINITE:
+            raise ValueError(
+                f"`on_nonfinite` must be one of {ON_NONFINITE} (stop, or skip the update of a group whose weights are "
+                f"NaN or infinite), got {on_nonfinite!r}"
+            )
+        _check_example_input(example_input)
         _check_targets("targets", targets)
         _check_targets("exclude", exclude)
         self.lam = lam
@@ -89,6 +118,8 @@ class PathNormRegularization(CallbackBase):
         self.every_n_steps = every_n_steps
         self.example_input = example_input
         self.log_every_n_steps = log_every_n_steps
+        self.on_nonfinite = on_nonfinite
+        self.nonfinite_skips = 0  # group updates skipped with on_nonfinite="skip", this fit
         self.groups: NeuronGroups | None = None
         self._discovery = GroupDiscovery(targets, exclude)
         self._steps = 0  # optimizer steps seen (for every_n_steps); saved in checkpoints
@@ -121,6 +152,7 @@ class PathNormRegularization(CallbackBase):
         if stage != "fit":
             return
         refuse_unsupported(trainer, pl_module, type(self).__name__)
+        self.nonfinite_skips = 0
         example = self.example_input
         if example is None:
             example = getattr(pl_module, "example_input_array", None)
@@ -161,9 +193,11 @@ class PathNormRegularization(CallbackBase):
             return
         lam = self.current_lam(trainer.global_step) * self.every_n_steps
         if self.mode == "penalty":
-            add_rbv_grad_(self.groups, lam, self.q)
+            with self._nonfinite(trainer) as skipped:
+                skipped += add_rbv_grad_(self.groups, lam, self.q, on_nonfinite=self.on_nonfinite)
         elif self.mode == "weight_decay":
-            add_weight_decay_grad_(self.groups, lam)
+            with self._nonfinite(trainer) as skipped:
+                skipped += add_weight_decay_grad_(self.groups, lam, on_nonfinite=self.on_nonfinite)
         else:  # the lr used by this step (schedulers step before on_train_batch_end)
             lrs = self._lr_of(optimizer)
             self._pending_lr = {g.name: lam * lrs.get(id(self._lr_param(g)), 0.0) for g in self.groups}
@@ -180,10 +214,39 @@ class PathNormRegularization(CallbackBase):
     ) -> None:
         if self._pending_lr is not None and self.groups:
             taus, self._pending_lr = self._pending_lr, None
-            prox_(self.groups, taus, self.q)
+            with self._nonfinite(trainer) as skipped:
+                skipped += prox_(self.groups, taus, self.q, on_nonfinite=self.on_nonfinite)
         every = self.log_every_n_steps or getattr(trainer, "log_every_n_steps", 50)
         if self.groups is not None and every and trainer.global_step % every == 0:
             self._log(pl_module)
+
+    @contextlib.contextmanager
+    def _nonfinite(self, trainer: pl.Trainer) -> Iterator[list[str]]:
+        """Around one update: add the step to a NonFiniteWeightsError; warn about and count the skipped groups."""
+        skipped: list[str] = []
+        try:
+            yield skipped
+        except NonFiniteWeightsError as err:
+            raise NonFiniteWeightsError(
+                f"{type(self).__name__} (mode={self.mode!r}) at global step {trainer.global_step}: {err}"
+            ) from err
+        if not skipped:
+            return
+        if self.nonfinite_skips == 0:
+            rank_zero_warn(
+                f"{type(self).__name__} (on_nonfinite='skip') left neuron group(s) {skipped} alone at global step "
+                f"{trainer.global_step}: their weights are NaN or infinite. Later skips are not warned about; they "
+                "are counted in `nonfinite_skips`."
+            )
+        self.nonfinite_skips += len(skipped)
+
+    @override
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.nonfinite_skips > 1:
+            rank_zero_warn(
+                f"{type(self).__name__} (on_nonfinite='skip') skipped {self.nonfinite_skips} group updates in this fit "
+                "because of NaN or infinite weights."
+            )
 
     @torch.no_grad()
     def _log(self, pl_module: pl.LightningModule) -> None:

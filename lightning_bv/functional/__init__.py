@@ -2,6 +2,7 @@
 
 from lightning_bv.functional.path_norm import path_norm
 from lightning_bv.functional.rbv import (
+    NonFiniteWeightsError,
     add_rbv_grad_,
     add_weight_decay_grad_,
     balance_,
@@ -13,6 +14,7 @@ from lightning_bv.functional.rbv import (
 )
 
 __all__ = [
+    "NonFiniteWeightsError",
     "add_rbv_grad_",
     "add_weight_decay_grad_",
     "balance_",

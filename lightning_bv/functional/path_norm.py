@@ -27,6 +27,8 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.overrides import TorchFunctionMode
 
+from lightning_bv._trace import force_eager
+
 __all__ = ["path_norm"]
 
 _T = torch.Tensor
@@ -323,6 +325,8 @@ def path_norm(model: nn.Module, example_input: Tensor | tuple, p: float = 1) -> 
         28.0
 
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"`model` must be an nn.Module, got {type(model).__name__}")
     if isinstance(p, bool) or not isinstance(p, (int, float)) or not math.isfinite(p) or p < 1:
         raise ValueError(f"`p` must be a finite number >= 1, got {p!r}")
     inputs = example_input if isinstance(example_input, tuple) else (example_input,)
@@ -348,7 +352,7 @@ def path_norm(model: nn.Module, example_input: Tensor | tuple, p: float = 1) -> 
     no_autocast = torch.autocast(device, enabled=False) if device in ("cpu", "cuda") else contextlib.nullcontext()
     mode.mark(starts)
     try:
-        with mode, no_autocast:
+        with mode, no_autocast, force_eager():  # compiled code would trace the mode (slow; see _trace.force_eager)
             out = torch.func.functional_call(model, state, ones)
     finally:
         for handle in handles:

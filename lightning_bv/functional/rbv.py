@@ -8,18 +8,59 @@ connections are rescaled with their neuron where function preservation needs it,
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Iterable, Mapping
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from lightning_bv.neurons import NeuronGroup
 
 Groups = NeuronGroup | Iterable[NeuronGroup]
+NONFINITE = ("ignore", "raise", "skip")
+
+
+class NonFiniteWeightsError(FloatingPointError):
+    """A neuron group's weights, or their norms, are NaN or infinite (raised with ``on_nonfinite="raise"``)."""
 
 
 def _as_list(groups: Groups) -> list[NeuronGroup]:
-    return [groups] if isinstance(groups, NeuronGroup) else list(groups)
+    hint = "a NeuronGroup or an iterable of them (lightning_bv.find_neurons(model, example_input))"
+    if isinstance(groups, NeuronGroup):
+        return [groups]
+    if isinstance(groups, (nn.Module, str, Tensor)) or not isinstance(groups, Iterable):
+        raise TypeError(f"`groups` must be {hint}, got {type(groups).__name__}")
+    glist = list(groups)
+    for g in glist:
+        if not isinstance(g, NeuronGroup):
+            raise TypeError(f"`groups` must be {hint}, got an iterable holding a {type(g).__name__}")
+    return glist
+
+
+def _check_tau(tau: object, names: list[str]) -> dict[str, float | Tensor]:
+    """One threshold per group name: a number or 0-dim tensor for all, or a mapping name -> number."""
+
+    def check(t: object, where: str) -> float | Tensor:
+        ok = isinstance(t, numbers.Real) and not isinstance(t, bool)
+        if isinstance(t, Tensor):
+            ok = t.dim() == 0 and not t.dtype.is_complex and t.dtype != torch.bool
+        if not ok:
+            shape = f" of shape {tuple(t.shape)}" if isinstance(t, Tensor) else ""
+            raise TypeError(
+                f"`tau` must be a number, a 0-dim tensor or a mapping from group name to number, got "
+                f"{type(t).__name__}{shape}{where}"
+            )
+        if not math.isfinite(float(t)) or float(t) < 0:  # type: ignore[arg-type]
+            raise ValueError(f"`tau` must be a finite value >= 0, got {t!r}{where}")
+        return t  # type: ignore[return-value]
+
+    if isinstance(tau, Mapping):
+        missing = [n for n in names if n not in tau]
+        if missing:
+            raise ValueError(f"`tau` has no value for group(s) {missing}; it has {sorted(map(str, tau))}")
+        return {n: check(tau[n], f" (group {n!r})") for n in names}
+    value = check(tau, "")
+    return dict.fromkeys(names, value)
 
 
 def _check_q(q: object) -> int:
@@ -28,9 +69,73 @@ def _check_q(q: object) -> int:
     return int(q)  # type: ignore[call-overload]
 
 
+def _check_lam(lam: object) -> float:
+    if isinstance(lam, bool) or not isinstance(lam, (numbers.Real, Tensor)) or isinstance(lam, Tensor) and lam.dim():
+        raise TypeError(f"`lam` must be a number (the regularization strength), got {type(lam).__name__}")
+    if not math.isfinite(float(lam)) or float(lam) < 0:
+        raise ValueError(f"`lam` must be a finite value >= 0, got {lam!r}")
+    return float(lam)
+
+
+def _check_nonfinite(on_nonfinite: object) -> str:
+    if on_nonfinite not in NONFINITE:
+        raise ValueError(
+            f"`on_nonfinite` must be one of {NONFINITE} (what to do with a group whose weights are NaN or infinite), "
+            f"got {on_nonfinite!r}"
+        )
+    return str(on_nonfinite)
+
+
+def _kind(t: Tensor) -> str:
+    nan, inf = bool(torch.isnan(t).any()), bool(torch.isinf(t).any())
+    return " and ".join(k for k, on in (("nan", nan), ("inf", inf)) if on) or "finite"
+
+
+def _describe_nonfinite(group: NeuronGroup, w: Tensor, v: Tensor) -> str:
+    """Which neurons of ``group`` have a non-finite norm, on which side, and whether the entries themselves are."""
+    parts = []
+    for side, norms, slots in (("input", w, group.w_slots), ("output", v, group.v_slots)):
+        bad = torch.nonzero(~torch.isfinite(norms)).flatten().tolist()
+        if not bad:
+            continue
+        shown = ", ".join(str(i) for i in bad[:8]) + (", ..." if len(bad) > 8 else "")
+        entries = [s.tensor().detach() for s in slots if s.regularized]
+        finite = all(bool(torch.isfinite(t).all()) for t in entries)
+        why = (
+            f"the entries are finite but their squares overflow {entries[0].dtype}"
+            if finite
+            else _kind(torch.cat([t.flatten() for t in entries]))
+        )
+        parts.append(f"{_kind(norms)} norm of the {side} weights of neuron(s) [{shown}] of {norms.numel()} ({why})")
+    return f"neuron group '{group.name}' has non-finite weights: " + "; ".join(parts)
+
+
+def _skip_nonfinite(group: NeuronGroup, w: Tensor, v: Tensor, on_nonfinite: str) -> bool:
+    """Whether to leave ``group`` alone because its norms ``w``, ``v`` are not finite (raises with "raise")."""
+    if on_nonfinite == "ignore" or bool((torch.isfinite(w).all() & torch.isfinite(v).all()).item()):
+        return False
+    if on_nonfinite == "raise":
+        raise NonFiniteWeightsError(
+            _describe_nonfinite(group, w, v) + '. Stopping instead of spreading them (on_nonfinite="raise"); lower the '
+            'learning rate or clip gradients, or pass on_nonfinite="skip" to leave such a group alone.'
+        )
+    return True
+
+
+def _nonfinite_groups(glist: list[NeuronGroup], norms: list[tuple[Tensor, Tensor]], on_nonfinite: str) -> list[str]:
+    """Names of the groups whose norms are not finite, checked with one sync; raises for the first with "raise"."""
+    if on_nonfinite == "ignore" or not glist:
+        return []
+    finite = torch.stack([torch.isfinite(w).all() & torch.isfinite(v).all() for w, v in norms]).tolist()
+    bad = [i for i, ok in enumerate(finite) if not ok]
+    if bad and on_nonfinite == "raise":
+        _skip_nonfinite(glist[bad[0]], *norms[bad[0]], on_nonfinite)  # raises with the description
+    return [glist[i].name for i in bad]
+
+
 def _safe_sqrt(x: Tensor) -> Tensor:
-    """Sqrt with gradient 0 (not inf) at 0, so that dead neurons do not turn gradients into NaN."""
-    pos = x > 0
+    """Sqrt with gradient 0 (not inf) at 0, so that dead neurons do not turn gradients into NaN; NaN stays NaN."""
+    pos = ~(x <= 0)  # True for NaN too: a NaN norm must not read as a dead neuron
     return torch.where(pos, x, torch.ones_like(x)).sqrt() * pos
 
 
@@ -138,7 +243,9 @@ def _shared_producers(groups: list[NeuronGroup]) -> set[str]:
 
 
 @torch.no_grad()
-def prox_(groups: Groups, tau: float | Tensor | Mapping[str, float], q: int = 2) -> None:
+def prox_(
+    groups: Groups, tau: float | Tensor | Mapping[str, float], q: int = 2, *, on_nonfinite: str = "ignore"
+) -> list[str]:
     """Proximal step of ``tau * R`` (THEORY.md section 4), function-preserving normalize then shrink, in place.
 
     1. normalize: for each neuron with ``||w_k|| > 0``: ``v_k *= ||w_k||; b_k /= ||w_k||; w_k /= ||w_k||``.
@@ -158,6 +265,13 @@ def prox_(groups: Groups, tau: float | Tensor | Mapping[str, float], q: int = 2)
         groups: a group or groups.
         tau: the threshold (``lam * lr`` in proximal gradient), >= 0; a mapping gives one per group name.
         q: norm on each neuron's output weights, 1 or 2.
+        on_nonfinite: what to do with a group whose norms ``||w_k||``, ``||v_k||`` (computed for the step anyway)
+            are NaN or infinite: ``"ignore"`` (no check), ``"raise"`` (:class:`NonFiniteWeightsError` naming the
+            group, before it is changed; the groups before it were updated, as each group's norms depend on them)
+            or ``"skip"`` (leave it unchanged; the other groups are updated).
+
+    Returns:
+        The names of the groups left unchanged because of ``on_nonfinite="skip"``.
 
     Example:
         >>> import torch
@@ -166,19 +280,30 @@ def prox_(groups: Groups, tau: float | Tensor | Mapping[str, float], q: int = 2)
         >>> net = nn.Sequential(nn.Linear(2, 4), nn.ReLU(), nn.Linear(4, 1))
         >>> groups = find_neurons(net, torch.randn(1, 2))
         >>> prox_(groups, tau=100.0)
+        []
         >>> int((net[2].weight != 0).sum())
         0
     """
     q = _check_q(q)
+    on_nonfinite = _check_nonfinite(on_nonfinite)
     glist = _as_list(groups)
-    taus = tau if isinstance(tau, Mapping) else {g.name: tau for g in glist}
-    for name, t in taus.items():
-        if float(t) < 0 or not math.isfinite(float(t)):
-            raise ValueError(f"`tau` must be a finite value >= 0, got {t!r} (group {name!r})")
+    taus = _check_tau(tau, [g.name for g in glist])
+    if q == 1:  # checked before any group changes
+        for g in glist:
+            for s in g.v_slots:
+                if s.regularized and s._lowrank() is not None:
+                    raise NotImplementedError(
+                        f"q=1 prox of group '{g.name}' on the low-rank weight of '{s.module_name}' is not supported "
+                        "(use q=2)"
+                    )
     shared = _shared_producers(glist)
+    skipped: list[str] = []
     for g in glist:
         t = taus[g.name]
-        w, _ = group_norms(g, q)
+        w, v = group_norms(g, q)
+        if _skip_nonfinite(g, w, v, on_nonfinite):
+            skipped.append(g.name)
+            continue
         scale = torch.ones_like(w)
         if g.name not in shared:
             live = w > 0
@@ -194,18 +319,27 @@ def prox_(groups: Groups, tau: float | Tensor | Mapping[str, float], q: int = 2)
         else:
             for s in reg:
                 s.soft_threshold_(thr)
+    return skipped
 
 
 @torch.no_grad()
-def add_rbv_grad_(groups: Groups, lam: float, q: int = 2) -> None:
+def add_rbv_grad_(groups: Groups, lam: float, q: int = 2, *, on_nonfinite: str = "ignore") -> list[str]:
     """Add ``lam * grad R`` to the parameters' ``.grad`` in closed form (no autograd graph).
 
     d/dw_k = lam ||v_k||_q w_k / ||w_k||;  d/dv_k = lam ||w_k|| v_k / ||v_k|| (q=2) or lam ||w_k|| sign(v_k) (q=1).
-    Neurons with a zero side get the subgradient 0 on that side.
+    Neurons with a zero side get the subgradient 0 on that side. ``on_nonfinite`` checks the norms the gradient
+    needs, as in :func:`prox_` but for all groups before any gradient changes; returns the names of the groups
+    skipped.
     """
     q = _check_q(q)
-    for g in _as_list(groups):
-        w, v = group_norms(g, q)
+    lam = _check_lam(lam)
+    on_nonfinite = _check_nonfinite(on_nonfinite)
+    glist = _as_list(groups)
+    norms = [group_norms(g, q) for g in glist]  # gradients do not move the weights: computed once, all up front
+    skipped = _nonfinite_groups(glist, norms, on_nonfinite)
+    for g, (w, v) in zip(glist, norms):
+        if g.name in skipped:
+            continue
         cw = lam * v / torch.where(w > 0, w, torch.ones_like(w)) * (w > 0)
         for s in g.w_slots:
             if s.regularized:
@@ -214,13 +348,36 @@ def add_rbv_grad_(groups: Groups, lam: float, q: int = 2) -> None:
         for s in g.v_slots:
             if s.regularized:
                 s.add_scaled_grad_(cv, sign=q == 1)
+    return skipped
 
 
 @torch.no_grad()
-def add_weight_decay_grad_(groups: Groups, lam: float) -> None:
-    """Add the gradient of ``lam/2 * sum_k (||v_k||_2^2 + ||w_k||_2^2)`` over grouped weights only (not biases)."""
-    for g in _as_list(groups):
+def add_weight_decay_grad_(groups: Groups, lam: float, *, on_nonfinite: str = "ignore") -> list[str]:
+    """Add the gradient of ``lam/2 * sum_k (||v_k||_2^2 + ||w_k||_2^2)`` over grouped weights only (not biases).
+
+    This update needs no norms, so ``on_nonfinite`` other than ``"ignore"`` reads the weights once more, for all
+    groups before any gradient changes: the smallest and largest entry of each tensor (one pass; NaN when one is
+    NaN), and the groups' norms only when one is not finite. Returns the names of the groups skipped.
+    """
+    lam = _check_lam(lam)
+    on_nonfinite = _check_nonfinite(on_nonfinite)
+    glist = _as_list(groups)
+    slots = [[s for s in g.w_slots + g.v_slots if s.regularized] for g in glist]
+    skipped: list[str] = []
+    if on_nonfinite != "ignore" and glist:
+        checked, flags = [], []
+        for g, ss in zip(glist, slots):
+            if ss:
+                checked.append(g)
+                flags.append(torch.stack([torch.stack(torch.aminmax(s.tensor())) for s in ss]).isfinite().all())
+        finite = torch.stack(flags).tolist() if flags else []  # one sync for all groups
+        suspects = [g for g, ok in zip(checked, finite) if not ok]
+        if suspects:  # a consumer's bad entries may be in another group's columns: decide on the groups' own norms
+            skipped = _nonfinite_groups(suspects, [group_norms(g, 2) for g in suspects], on_nonfinite)
+    for g, ss in zip(glist, slots):
+        if g.name in skipped:
+            continue
         c = torch.full((g.num_neurons,), float(lam))
-        for s in g.w_slots + g.v_slots:
-            if s.regularized:
-                s.add_scaled_grad_(c.to(s.tensor().device))
+        for s in ss:
+            s.add_scaled_grad_(c.to(s.tensor().device))
+    return skipped

@@ -216,7 +216,7 @@ def compact(
                 "`example_input=x`"
             )
         groups = find_neurons(model, example_input)
-    glist = [groups] if isinstance(groups, NeuronGroup) else list(groups)
+    glist = _as_groups(groups)
     index = _ModelIndex(model)
     for g in glist:
         index.check_group(g)
@@ -291,9 +291,12 @@ def resize_to_state_dict_(model: nn.Module, state_dict: Mapping[str, Any], prefi
     """Give the layers of ``model`` the sizes their entries have in ``state_dict`` (a compacted model's), in place.
 
     So that the ``state_dict`` of a compacted model loads into a freshly built model of the original sizes: every
-    Linear, Conv, BatchNorm, PReLU and low-rank layer whose saved tensors have other sizes gets new, uninitialized
+    Linear, Conv, BatchNorm, PReLU and low-rank layer whose saved tensors are smaller gets new, uninitialized
     Parameters and buffers of the saved sizes and updated size attributes; ``model.load_state_dict(state_dict)`` then
-    fills them. Layers whose entries are missing or already match are left alone. Build the optimizer afterwards.
+    fills them. Layers whose entries are missing or already match are left alone, and so are layers whose saved
+    features or channels are *larger* (compaction only shrinks; the saved rank of a low-rank layer may be either):
+    that is a checkpoint of another architecture, and ``load_state_dict`` reports the mismatching keys. Build the
+    optimizer afterwards.
 
     Args:
         model: the freshly built model.
@@ -330,13 +333,13 @@ def _resize_module(m: Any, saved: dict[str, Tensor]) -> bool:
 
     if isinstance(m, nn.PReLU):
         w = saved.get("weight")
-        if w is None or w.shape == m.weight.shape:
+        if w is None or w.shape == m.weight.shape or w.dim() != 1 or w.shape[0] > m.weight.shape[0]:
             return False
         m.weight, m.num_parameters = fresh(m.weight, tuple(w.shape)), int(w.shape[0])
         return True
     if isinstance(m, _BN):
         w = next((saved[k] for k in ("weight", "running_mean") if k in saved), None)
-        if w is None or w.dim() != 1 or w.shape[0] == m.num_features:
+        if w is None or w.dim() != 1 or w.shape[0] >= m.num_features:
             return False
         for attr in ("weight", "bias", "running_mean", "running_var"):
             if getattr(m, attr) is not None:
@@ -346,19 +349,26 @@ def _resize_module(m: Any, saved: dict[str, Tensor]) -> bool:
     if not isinstance(m, (nn.Linear, *_CONVS)) or getattr(m, "groups", 1) != 1:
         return False
     kernel = tuple(m.weight.shape[2:])
+    old_out, old_in = int(m.weight.shape[0]), int(m.weight.shape[1])
     factors = low_rank_factors(m)
     if factors is None:
         w = saved.get("weight")
-        if w is None or w.shape == m.weight.shape or tuple(w.shape[2:]) != kernel:
+        if w is None or w.shape == m.weight.shape or w.dim() < 2 or tuple(w.shape[2:]) != kernel:
             return False
         out, inp = int(w.shape[0]), int(w.shape[1])
+        if out > old_out or inp > old_in:
+            return False
         m.weight = fresh(m.weight, tuple(w.shape))
     else:
         u, v = saved.get(_U), saved.get(_V)
         if u is None or v is None or (u.shape, v.shape) == (factors[0].shape, factors[1].shape):
             return False
-        plist: Any = cast(Any, m).parametrizations["weight"]
+        if u.dim() != 2 or v.dim() != 2 or u.shape[1] != v.shape[0] or v.shape[1] % max(math.prod(kernel), 1):
+            return False
         out, inp = int(u.shape[0]), int(v.shape[1]) // max(math.prod(kernel), 1)
+        if out > old_out or inp > old_in:
+            return False
+        plist: Any = cast(Any, m).parametrizations["weight"]
         plist.original0, plist.original1 = fresh(factors[0], tuple(u.shape)), fresh(factors[1], tuple(v.shape))
         lrw = next(p for p in plist if getattr(p, "lbv_low_rank", False))
         lrw.weight_shape, lrw.rank = (out, inp, *kernel), int(u.shape[1])
@@ -390,6 +400,19 @@ def _check_model(model: object) -> None:
                 "model; they cannot be replaced. Compact the plain module (`ddp.module`) before wrapping it, or "
                 "after training, then wrap it again."
             )
+
+
+def _as_groups(groups: object) -> list[NeuronGroup]:
+    if isinstance(groups, NeuronGroup):
+        return [groups]
+    items = list(groups) if isinstance(groups, Iterable) and not isinstance(groups, (str, nn.Module)) else [groups]
+    bad = next((g for g in items if not isinstance(g, NeuronGroup)), None)
+    if bad is not None:
+        raise TypeError(
+            "`groups` must be a NeuronGroup or an iterable of them (lightning_bv.find_neurons(model, x)), got "
+            f"{type(groups).__name__}" + (f" holding a {type(bad).__name__}" if bad is not groups else "")
+        )
+    return items  # type: ignore[return-value]
 
 
 def _count(model: nn.Module) -> int:

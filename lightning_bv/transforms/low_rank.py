@@ -177,8 +177,7 @@ def apply_low_rank(
         (True, False)
 
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"`model` must be an nn.Module, got {type(model).__name__}")
+    _check_model(model)
     _check_rank_energy(rank, energy)
     modules = named_modules(model)
     names = select_names(_candidate_names(model, modules, targets), targets, exclude)
@@ -208,6 +207,9 @@ def remove_low_rank(model: nn.Module, merge: bool = True) -> nn.Module:
         (False, 'Linear', 2)
 
     """
+    _check_model(model)
+    if not isinstance(merge, bool):
+        raise TypeError(f"`merge` must be a bool, got {merge!r}")
     if not merge:
         return factorize(model)
     for module in list(model.modules()):
@@ -245,6 +247,7 @@ def factorize(model: nn.Module) -> nn.Module:
         True
 
     """
+    _check_model(model)
     replacements = [(name, _factorized(module)) for name, module in model.named_modules() if is_low_rank(module)]
     for name, new in replacements:
         if name == "":
@@ -304,6 +307,11 @@ def _resize_factors_on_load(plist: Any, state_dict: dict[str, Any], prefix: str,
     for p in plist:  # type: ignore[attr-defined]
         if isinstance(p, LowRankWeight):
             p.rank = int(U.shape[1])
+
+
+def _check_model(model: object) -> None:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"`model` must be an nn.Module, got {type(model).__name__}")
 
 
 def _check_rank_energy(rank: Any, energy: Any) -> None:

@@ -174,6 +174,10 @@ def remove_skip(model: nn.Module, merge: bool = False, targets: Union[str, Seque
         ('Linear', True)
 
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"`model` must be an nn.Module, got {type(model).__name__}")
+    if not isinstance(merge, bool):
+        raise TypeError(f"`merge` must be a bool, got {merge!r}")
     modules = named_modules(model)
     names = [n for n, m in modules.items() if is_skip(m)]
     if targets is not None:

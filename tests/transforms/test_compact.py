@@ -506,9 +506,10 @@ def test_module_registered_twice_is_left_whole():
 
 def test_unknown_parametrization_raises_and_leaves_model_as_it_was():
     model = mlp()
-    torch.nn.utils.parametrizations.weight_norm(model[2])
     x = torch.randn(3, 5)
-    groups = lbv.find_neurons(model, x)
+    groups = lbv.find_neurons(model, x)  # found first: discovery itself skips foreign parametrizations
+    torch.nn.utils.parametrizations.weight_norm(model[2])
+    assert len(lbv.find_neurons(model, x)) == 0
     with torch.no_grad():  # Slot.scale_ writes only plain and low-rank weights
         model[2].parametrizations.weight.original1[:, 1] = 0.0
     state = copy.deepcopy(model.state_dict())
