@@ -118,6 +118,13 @@ class Slot:
     def _lowrank(self) -> tuple[Tensor, Tensor] | None:
         return low_rank_factors(self.module) if self.param == "weight" else None
 
+    def written(self) -> Tensor:
+        """The parameter that :meth:`scale_` writes (U for the rows of a low-rank weight, V for its columns)."""
+        f = self._lowrank()
+        if f is None:
+            return self.tensor()
+        return f[0] if self.dim == 0 else f[1]
+
     @torch.no_grad()
     def scale_(self, s: Tensor) -> None:
         """Multiply neuron k's entries by ``s[k]`` in place."""

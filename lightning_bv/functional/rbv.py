@@ -237,9 +237,17 @@ def balance_(groups: Groups, q: int = 2) -> None:
 
 
 def _shared_producers(groups: list[NeuronGroup]) -> set[str]:
-    """Names of groups whose input weights are also another group's output weights (a plain Linear-ReLU chain)."""
-    consumed = {(id(s.module), s.param) for g in groups for s in g.v_slots}
-    return {g.name for g in groups if any((id(s.module), s.param) in consumed for s in g.w_slots)}
+    """Names of groups that write a weight tensor another group also writes.
+
+    That is the middle matrix of a plain Linear-ReLU-Linear-ReLU chain (one group's columns, the next one's rows),
+    and a low-rank factor read both by a ReLU group and by the layer's rank components. Compared by the parameter
+    actually written, so the factors U and V of a low-rank weight count as what they are.
+    """
+    owners: dict[int, set[str]] = {}
+    for g in groups:
+        for s in g.w_slots + g.v_slots:
+            owners.setdefault(id(s.written()), set()).add(g.name)
+    return {name for names in owners.values() if len(names) > 1 for name in names}
 
 
 @torch.no_grad()
@@ -255,11 +263,13 @@ def prox_(
     With ``tau=0`` the function is unchanged; a neuron whose score ``||v_k||_q ||w_k||_2`` is ``<= tau`` (its
     ``||v_k||`` after normalizing) becomes exactly 0.
 
-    A group whose input weights are another group's output weights (the middle matrix of a plain
-    Linear-ReLU-Linear-ReLU chain) is not normalized: dividing a row that the previous group's shrink made tiny
-    blows its bias up and training diverges (measured on a 3-layer MLP). For such a group the shrink uses the
-    equivalent threshold on the unnormalized weights, ``v_k <- max(0, 1 - tau ||w_k|| / ||v_k||) v_k`` (q=2) or
-    ``tau ||w_k||`` elementwise (q=1): the same neurons die, and the objective's prox in v is exact.
+    A group that shares a weight tensor with another group (the middle matrix of a plain Linear-ReLU-Linear-ReLU
+    chain; a low-rank factor read by a ReLU group and by the layer's rank components) is not normalized: one
+    group's normalize rescales the other's rows, dividing a row that the other's shrink made tiny blows its bias up,
+    and training diverged (measured on a 3-layer MLP, and on an RBVNet with a low-rank layer). For such a group the
+    shrink uses the equivalent threshold on the unnormalized weights,
+    ``v_k <- max(0, 1 - tau ||w_k|| / ||v_k||) v_k`` (q=2) or ``tau ||w_k||`` elementwise (q=1):
+    the same neurons die, and the objective's prox in v is exact.
 
     Args:
         groups: a group or groups.

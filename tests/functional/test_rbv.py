@@ -233,3 +233,25 @@ def test_property_random_mlps(widths, bn, q, tau_frac, seed):
         assert torch.equal(v == 0, scores <= tau)
     else:
         assert bool((v[scores <= tau] == 0).all())
+
+
+def test_groups_sharing_a_low_rank_factor_are_not_normalized():
+    """Regression: a ReLU group writing U's rows and the rank group writing U's columns diverged under SGD."""
+    from lightning_bv import RBVNet, apply_low_rank
+    from lightning_bv.functional.rbv import _shared_producers
+
+    torch.manual_seed(1)
+    net = RBVNet(8, 3, 32, 4, 2)
+    apply_low_rank(net, rank=4, targets=["blocks.0.fc1"])
+    x = torch.randn(64, 8)
+    y = torch.randint(0, 3, (64,))
+    groups = find_neurons(net, x[:2])
+    assert _shared_producers(list(groups)) == {"blocks.0.fc1", "blocks.0.fc1:rank"}
+    opt = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9)
+    for _ in range(300):
+        loss = nn.functional.cross_entropy(net(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        prox_(groups, 0.0)  # function-preserving: must not destabilize training
+    assert torch.isfinite(loss) and loss.item() < 1.0
