@@ -315,7 +315,14 @@ def prox_(
             skipped.append(g.name)
             continue
         scale = torch.ones_like(w)
-        if g.name not in shared:
+        if g.name in shared and not g.b_slots and g.activation == "identity":
+            # rank components: balancing U[:, j] and V[j] leaves W = U V (so every other group) unchanged and keeps
+            # the factors well conditioned (normalizing them instead diverged under SGD, even at tau = 0)
+            live = (w > 0) & (v > 0)
+            a = torch.where(live, (v / torch.where(live, w, scale)).sqrt(), scale)
+            _rescale_(g, a)
+            w = w * a
+        elif g.name not in shared:
             live = w > 0
             _rescale_(g, torch.where(live, 1.0 / torch.where(live, w, scale), scale))
             w = torch.where(live, scale, w)

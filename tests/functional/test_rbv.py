@@ -255,3 +255,18 @@ def test_groups_sharing_a_low_rank_factor_are_not_normalized():
         opt.step()
         prox_(groups, 0.0)  # function-preserving: must not destabilize training
     assert torch.isfinite(loss) and loss.item() < 1.0
+
+
+def test_shared_rank_components_are_balanced_by_prox_zero():
+    from lightning_bv import RBVNet, apply_low_rank
+
+    torch.manual_seed(0)
+    net = RBVNet(4, 2, 8, 3, 2).double()
+    apply_low_rank(net, rank=2, targets=["blocks.0.fc2"])
+    x = torch.randn(5, 4, dtype=torch.float64)
+    groups = find_neurons(net, x)
+    y0 = net(x)
+    prox_(groups, 0.0)
+    w, v = group_norms(groups["blocks.0.fc2:rank"])
+    torch.testing.assert_close(w, v)  # balanced, not normalized
+    assert (net(x) - y0).abs().max().item() <= 1e-10
