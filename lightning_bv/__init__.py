@@ -6,11 +6,13 @@ from lightning_bv.functional import (
     add_rbv_grad_,
     add_weight_decay_grad_,
     balance_,
+    effective_rank,
     group_norms,
     neuron_scores,
     neuron_weight_decay,
     prox_,
     rbv_norm,
+    stable_rank,
 )
 from lightning_bv.functional.path_norm import path_norm
 from lightning_bv.modules import RBVBlock, RBVNet
@@ -38,6 +40,8 @@ from lightning_bv.transforms import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "effective_rank",
+    "stable_rank",
     "AffineSkip",
     "CompactionReport",
     "GroupCompaction",

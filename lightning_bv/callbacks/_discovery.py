@@ -22,7 +22,7 @@ class GroupDiscovery:
     that Lightning reroutes through ``forward`` (under DDP the module is called with the ``training_step`` arguments
     while its ``forward`` is patched) are not kept.
 
-    Picklable before :meth:`start` (``ddp_spawn`` pickles callbacks).
+    Picklable (``ddp_spawn`` pickles callbacks); a running trace is left out.
     """
 
     def __init__(self, targets: Targets = None, exclude: Targets = None) -> None:

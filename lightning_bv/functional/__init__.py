@@ -12,8 +12,14 @@ from lightning_bv.functional.rbv import (
     prox_,
     rbv_norm,
 )
+from lightning_bv.functional.spectral import Spectrum, effective_rank, singular_values, spectrum, stable_rank
 
 __all__ = [
+    "Spectrum",
+    "effective_rank",
+    "singular_values",
+    "spectrum",
+    "stable_rank",
     "NonFiniteWeightsError",
     "add_rbv_grad_",
     "add_weight_decay_grad_",
