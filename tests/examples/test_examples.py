@@ -1,0 +1,77 @@
+import ast
+import csv
+import importlib.util
+import re
+from pathlib import Path
+
+import pytest
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+
+
+def load(name):
+    spec = importlib.util.spec_from_file_location(name, EXAMPLES / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_digits_smoke(tmp_path):
+    out = tmp_path / "digits.png"
+    results = load("digits").main(["--smoke", "--out", str(out)])
+    assert out.stat().st_size > 1000
+    assert list(results) == ["none", "weight decay", "neuron wd", "prox"]
+    for r in results.values():
+        assert 0.0 <= r["test_acc"] <= 1.0
+        assert r["neurons"] == 256
+        assert r["neurons_kept"] <= r["neurons"]
+        assert r["params_after"] <= r["params_before"]
+    assert results["none"]["neurons_kept"] == 256  # nothing is exactly zero without the prox
+
+
+@pytest.mark.slow
+def test_digits_full_run_prox_keeps_fewer_neurons(tmp_path):
+    results = load("digits").main(["--out", str(tmp_path / "digits.png")])
+    assert results["weight decay"]["neurons_kept"] == 256  # weight decay never makes a neuron exactly zero
+    assert results["prox"]["neurons_kept"] < 200
+    assert results["prox"]["test_acc"] > 0.95
+
+
+def test_existing_project_smoke(tmp_path):
+    result = load("existing_project").main(["--smoke", "--out", str(tmp_path)])
+    assert 0.0 <= result["test_acc"] <= 1.0
+    (metrics,) = tmp_path.glob("lightning_logs/version_*/metrics.csv")
+    with metrics.open() as f:
+        columns = set(next(csv.reader(f)))
+    # PathNormRegularization, BVMonitor (per group, path-norms) and LowRank (the rank group of features.3) at work
+    expected = {"bv/rbv_norm", "bv/active_neurons", "bv/features.1/active", "bv/features.3:rank/active"}
+    assert expected | {"bv/path_norm_l1", "bv/path_norm_l2", "train_loss", "val_acc"} <= columns
+
+
+def test_existing_project_adds_lightning_bv_in_three_lines():
+    source = (EXAMPLES / "existing_project.py").read_text()
+    lines = source.splitlines()
+    marked = [i + 1 for i, line in enumerate(lines) if re.search(r"# lbv [123]/3$", line)]
+    assert [lines[i - 1].rsplit("# lbv ", 1)[1] for i in marked] == ["1/3", "2/3", "3/3"]
+    ours = {"BVMonitor", "LowRank", "PathNormRegularization", "bv"}
+    used = {
+        node.lineno
+        for node in ast.walk(ast.parse(source))
+        if (isinstance(node, ast.Name) and node.id in ours)
+        or (isinstance(node, ast.ImportFrom) and (node.module or "").startswith("lightning_bv"))
+    }
+    assert used == set(marked)  # nothing else in the project refers to lightning_bv
+
+
+def test_examples_readme_mentions_every_example():
+    readme = (EXAMPLES / "README.md").read_text()
+    for name in ("spline_1d.py", "digits.py", "existing_project.py", "multi_gpu.md"):
+        assert name in readme
+    for config in (EXAMPLES / "configs").glob("*.yaml"):
+        assert config.name in readme
+
+
+@pytest.mark.slow
+def test_existing_project_full_run(tmp_path):
+    result = load("existing_project").main(["--out", str(tmp_path)])
+    assert result["test_acc"] > 0.9

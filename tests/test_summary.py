@@ -1,0 +1,46 @@
+import torch
+from torch import nn
+
+import lightning_bv as lbv
+from lightning_bv import _summary
+
+
+def test_snapshot_counts_neurons_ranks_params_and_norms():
+    torch.manual_seed(0)
+    net = lbv.RBVNet(in_features=4, out_features=2, width=8, bottleneck=3, depth=2)
+    lbv.apply_low_rank(net, rank=2, targets=["blocks.0.fc1"])
+    net = lbv.add_skip(net, [""])  # a skip around the whole network: names keep their canonical form
+    with torch.no_grad():
+        net.module.blocks[1].fc2.weight[:, :3] = 0  # three dead neurons in the second block
+    x = torch.randn(5, 4)
+    snap = _summary.snapshot(net, x, {"acc": 0.5})
+    assert snap.groups == {"blocks.0.fc1": [8, 8], "blocks.1.fc1": [8, 5]}
+    assert (snap.neurons, snap.live) == (16, 13)
+    assert snap.ranks["blocks.0.fc1"] == [2, 2]
+    assert snap.low_rank == ["blocks.0.fc1"]
+    assert snap.ranks["blocks.1.fc1"] == [3, 3]  # dense: min(out, in)
+    assert snap.params == sum(p.numel() for p in net.parameters())
+    assert snap.path_norm_l1 == float(lbv.path_norm(net, x, p=1).detach())
+    assert snap.path_norm_l2 is not None
+    text = _summary.table({"initial": None, "trained": snap, "compacted": snap})
+    assert "test acc" in text
+    assert "13 live / 16" in text
+    assert "  blocks.1.fc1" in text
+    assert "2 (dense)" not in text
+
+
+def test_snapshot_without_an_example_and_with_an_unsupported_model():
+    snap = _summary.snapshot(nn.Linear(3, 2), None)
+    assert snap.groups == {}
+    assert snap.ranks == {"": [2, 2]}
+    net = nn.Sequential(nn.Linear(3, 4), nn.GELU(), nn.Linear(4, 1))
+    snap = _summary.snapshot(net, torch.randn(2, 3))
+    assert snap.path_norm_l1 is None  # GELU: path_norm refuses, the rest is measured
+    assert "l1 path-norm" in _summary.table({"compacted": snap})
+
+
+def test_small_batch():
+    assert _summary.small_batch(torch.zeros(5, 3)).shape == (2, 3)
+    a, b = _summary.small_batch((torch.zeros(5, 3), 7))
+    assert a.shape == (2, 3)
+    assert b == 7
