@@ -254,7 +254,8 @@ def test_groups_sharing_a_low_rank_factor_are_not_normalized():
         loss.backward()
         opt.step()
         prox_(groups, 0.0)  # function-preserving: must not destabilize training
-    assert torch.isfinite(loss) and loss.item() < 1.0
+    assert torch.isfinite(loss)
+    assert loss.item() < 1.0
 
 
 def test_shared_rank_components_are_balanced_by_prox_zero():
