@@ -10,8 +10,8 @@ tensors become integer value ids, and in-place ops give their result a fresh id.
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable
-from contextlib import AbstractContextManager, nullcontext
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -94,19 +94,45 @@ class Value:
     uses: list[int] = field(default_factory=list)
 
 
-def force_eager() -> AbstractContextManager[Any]:
-    """A context in which code compiled with ``torch.compile`` runs eagerly (``torch.compiler.set_stance``).
+class _EagerStance:
+    """Compiled code runs eagerly while at least one trace is active (``torch.compiler.set_stance``).
 
-    Entered on creation, so it can span Lightning hooks; ``__exit__`` restores the previous stance. The trace needs
-    the real Python calls: inside compiled code Dynamo would trace the recording mode itself (slow, and it gives up
-    after a few recompiles). A no-op when Dynamo was never imported (then nothing is compiled) or is too old to have
-    stances (torch < 2.6).
+    Counted, not nested: several callbacks may each run a trace over the same step and stop them in any order (their
+    hooks run in callback order, not in reverse); the stance from before the first is restored when the last stops.
+    The trace needs the real Python calls: inside compiled code Dynamo would trace the recording mode itself (slow, and
+    it gives up after a few recompiles). A no-op when Dynamo was never imported (then nothing is compiled) or is too
+    old to have stances (torch < 2.6).
     """
-    dynamo = sys.modules.get("torch._dynamo")
-    set_stance = getattr(dynamo, "set_stance", None) if dynamo is not None else None
-    if set_stance is None:
-        return nullcontext()
-    return set_stance("force_eager")
+
+    def __init__(self) -> None:
+        self.depth = 0
+        self.saved: Any = None
+
+    def enter(self) -> None:
+        self.depth += 1
+        if self.depth == 1:
+            dynamo = sys.modules.get("torch._dynamo")
+            set_stance = getattr(dynamo, "set_stance", None) if dynamo is not None else None
+            self.saved = set_stance("force_eager") if set_stance is not None else None
+
+    def exit(self) -> None:
+        self.depth = max(self.depth - 1, 0)
+        if self.depth == 0 and self.saved is not None:
+            saved, self.saved = self.saved, None
+            saved.__exit__(None, None, None)
+
+
+EAGER = _EagerStance()
+
+
+@contextmanager
+def force_eager() -> Iterator[None]:
+    """Run compiled code eagerly inside this block (counted together with active traces)."""
+    EAGER.enter()
+    try:
+        yield
+    finally:
+        EAGER.exit()
 
 
 class Trace(TorchFunctionMode):
@@ -125,7 +151,7 @@ class Trace(TorchFunctionMode):
         self._stack: list[str] = []
         self.calls: dict[str, int] = {}
         self._handles: list[Any] = []
-        self._eager: AbstractContextManager[Any] | None = None
+        self._eager = False
         self.active = False
 
     # -- module attribution -------------------------------------------------------------------------------
@@ -149,7 +175,8 @@ class Trace(TorchFunctionMode):
         return hook
 
     def start(self) -> Trace:
-        self._eager = force_eager()
+        EAGER.enter()
+        self._eager = True
         self._hook_modules()
         self.__enter__()
         self.active = True
@@ -159,9 +186,9 @@ class Trace(TorchFunctionMode):
         if self.active:
             self.active = False
             self.__exit__(None, None, None)
-        if self._eager is not None:
-            eager, self._eager = self._eager, None
-            eager.__exit__(None, None, None)
+        if self._eager:
+            self._eager = False
+            EAGER.exit()
         for h in self._handles:
             h.remove()
         self._handles.clear()

@@ -248,3 +248,17 @@ def test_foreign_parametrization_is_skipped_not_silently_ignored():
     groups = find_neurons(net, torch.randn(2, 3))
     assert len(groups) == 0
     assert "parametrization lightning_bv cannot rescale" in groups.skipped[0][1]
+
+
+def test_traces_stopped_in_any_order_give_the_compiler_its_stance_back():
+    import torch._dynamo  # noqa: F401  (stances exist once Dynamo is imported)
+
+    from lightning_bv._trace import Trace
+
+    net = nn.Sequential(nn.Linear(2, 2))
+    a, b = Trace(net).start(), Trace(net).start()  # two callbacks, each tracing the same first step
+    assert torch._dynamo.eval_frame._stance.stance == "force_eager"
+    a.stop()  # callbacks stop in callback order, not in reverse
+    assert torch._dynamo.eval_frame._stance.stance == "force_eager"
+    b.stop()
+    assert torch._dynamo.eval_frame._stance.stance == "default"

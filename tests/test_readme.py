@@ -1,0 +1,83 @@
+"""Every command in README.md is run: the set-up commands are the ones .ci/run runs, the code blocks execute."""
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+README = (ROOT / "README.md").read_text()
+
+
+def blocks(lang):
+    return re.findall(rf"```{lang}\n(.*?)```", README, flags=re.S)
+
+
+def test_setup_commands_are_what_ci_runs():
+    bash = [b.strip() for b in blocks("bash")]
+    main_job, tests = bash[0], bash[1]
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert main_job.endswith("lightning-bv fit")
+    assert tests.endswith("python3 -m pytest -q")
+    for step in tests.split(" && "):
+        if step.startswith("python3 -m pip install -e"):
+            assert 'python3 -m pip install -q -e ".[dev,examples,wandb,cli]"' in ci
+        else:
+            assert step.replace("pip install ", "pip install -q ") in ci or step in ci, step
+
+
+@pytest.mark.slow
+def test_main_job_command_runs(tmp_path):
+    """The main job, shortened to one epoch (the full run is timed in tests/test_cli.py)."""
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "lightning_bv.cli",
+            "fit",
+            "--trainer.max_epochs=1",
+            f"--trainer.default_root_dir={tmp_path}",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "test" in out.stdout.lower()
+    assert list(tmp_path.rglob("model_state_dict.pt"))
+
+
+def test_existing_project_snippet_runs(tmp_path, monkeypatch):
+    from helpers import MLPModule
+    from pytorch_lightning.loggers import WandbLogger
+
+    import lightning_bv.callbacks as cbs
+
+    code = blocks("python")[0]
+    code = code.replace('strategy="ddp", devices=4', 'accelerator="cpu", devices=1, max_steps=3')
+    code = code.replace("WandbLogger()", f"WandbLogger(save_dir={str(tmp_path)!r}, offline=True)")
+    monkeypatch.chdir(tmp_path)
+    import pytorch_lightning as pl
+
+    scope = {
+        "pl": pl,
+        "WandbLogger": WandbLogger,
+        "your_unmodified_lightning_module": MLPModule(width=64),
+        "your_datamodule": None,
+    }
+    exec(code, scope)  # noqa: S102
+    assert isinstance(scope["callbacks"][1], cbs.PathNormRegularization)
+    assert scope["trainer"].global_step == 3
+
+
+def test_plain_pytorch_snippet_runs():
+    from torch import nn
+
+    model = nn.Sequential(nn.Linear(3, 16), nn.ReLU(), nn.Linear(16, 1))
+    scope = {"model": model, "example_input": torch.randn(4, 3), "lam": 0.1, "lr": 0.05}
+    exec(blocks("python")[1], scope)  # noqa: S102
+    assert scope["penalty"].requires_grad
