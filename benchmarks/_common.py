@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
+import logging
 import os
 import platform
 import statistics
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +43,22 @@ class StepTimer(pl.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         self.times.append(time.perf_counter() - self._t0)
+
+
+def quiet_lightning() -> None:
+    """Silence Lightning's info messages (GPU available, tips, fit stopped) and warnings, for readable tables.
+
+    With both ``lightning`` and ``pytorch_lightning`` installed the Trainer's messages go to ``lightning.pytorch``,
+    whose level is set on import: every such logger is set, not only the parents.
+    """
+    warnings.filterwarnings("ignore")
+    with contextlib.suppress(ImportError):  # its import sets its loggers' levels: import it first, so ours win
+        import lightning.pytorch  # noqa: F401
+    for name in ("pytorch_lightning", "lightning_fabric", "lightning", "lightning.pytorch", "lightning.fabric"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    for name in list(logging.root.manager.loggerDict):
+        if name.startswith(("pytorch_lightning", "lightning_fabric", "lightning")):
+            logging.getLogger(name).setLevel(logging.ERROR)
 
 
 def median(xs: list[float]) -> float:

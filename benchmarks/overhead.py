@@ -45,7 +45,10 @@ def loader(steps: int) -> DataLoader:
     return DataLoader(TensorDataset(x, y), batch_size=256)
 
 
-def fit_once(callbacks: list[pl.Callback], data: DataLoader, steps: int) -> list[float]:
+def fit_once(
+    callbacks: list[pl.Callback], data: DataLoader, steps: int, module: pl.LightningModule | None = None
+) -> list[float]:
+    """Step times of one short fit of ``module`` (default: a fresh ``MLP``), after 5 warm-up steps."""
     torch.manual_seed(0)
     timer = StepTimer()
     trainer = pl.Trainer(
@@ -58,7 +61,7 @@ def fit_once(callbacks: list[pl.Callback], data: DataLoader, steps: int) -> list
         callbacks=[*callbacks, timer],
         log_every_n_steps=50,
     )
-    trainer.fit(MLP(), data)
+    trainer.fit(MLP() if module is None else module, data)
     return timer.times[5:]  # warm-up and the one-off neuron discovery on step 0 are not timed
 
 

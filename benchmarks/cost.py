@@ -1,0 +1,191 @@
+"""What the callbacks cost: step time with each PathNormRegularization mode and with BVMonitor, over step time without,
+on three models; and the time of ``path_norm`` over one forward pass.
+
+Models (SGD with momentum, a real Lightning Trainer, random data, ``benchmarks.overhead.fit_once`` timing):
+
+* ``MLP``: 256 -> 4 x 1024 -> 10, batch 256 (``benchmarks.overhead.MLP``);
+* ``CNN``: three 3x3 conv + BatchNorm + ReLU layers (16, 32, 64 channels; max-pool after the second), global
+  average pool, Linear -> 10; batch 64 of 3 x 32 x 32;
+* ``transformer``: ``nn.TransformerEncoder``, 4 layers, d_model 128, 4 heads, feed-forward 512 (ReLU: the neurons
+  the callbacks see), dropout 0; batch 32 of 32 tokens, mean-pooled, Linear -> 10.
+
+Configurations are interleaved: each repeat runs one short fit of every configuration in turn, so drift on a shared
+machine hits all alike. ``median`` ratio: median step time / median step time without, over all timed steps (after
+5 warm-up steps; the one-off discovery on step 0 is not timed). ``mean`` ratio: the same with means, which counts the
+work done only every few steps (the logging of ``bv/*`` every 50 steps, BVMonitor's event every 50 steps; its
+spectra, every 1000 steps, never run in these short fits: see ``benchmarks/monitor_overhead.py``). The callbacks run
+with their defaults (``lam=1e-4``, ``every_n_steps=1``). ``path_norm``: ``lightning_bv.path_norm(model, x, p)`` for
+p=1 and p=2 (float64, one forward pass each) over one float32 forward pass of the same batch, no grad, medians.
+
+    python -m benchmarks.cost [--quick] [--repeats 3] [--steps 60] [--models MLP CNN transformer]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset
+
+from benchmarks._common import markdown_table, quiet_lightning, save
+from benchmarks.overhead import MLP, fit_once
+from lightning_bv.callbacks import PathNormRegularization
+from lightning_bv.callbacks.bv_monitor import BVMonitor
+from lightning_bv.functional.path_norm import path_norm
+
+
+class Classifier(pl.LightningModule):
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        x, y = batch
+        return nn.functional.cross_entropy(self(x), y)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.01, momentum=0.9)
+
+
+def cnn() -> nn.Module:
+    def block(c_in: int, c_out: int) -> list[nn.Module]:
+        return [nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU()]
+
+    return nn.Sequential(
+        *block(3, 16), *block(16, 32), nn.MaxPool2d(2), *block(32, 64),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, 10),
+    )  # fmt: skip
+
+
+class Transformer(nn.Module):
+    def __init__(self, d_model: int = 128, layers: int = 4) -> None:
+        super().__init__()
+        layer = nn.TransformerEncoderLayer(d_model, 4, dim_feedforward=4 * d_model, dropout=0.0, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        self.head = nn.Linear(d_model, 10)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.encoder(x).mean(1))
+
+
+# model -> (network factory, input shape of one batch)
+MODELS: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...]]] = {
+    "MLP": (lambda: MLP().net, (256, 256)),
+    "CNN": (cnn, (64, 3, 32, 32)),
+    "transformer": (Transformer, (32, 32, 128)),
+}
+CONFIGS: dict[str, Callable[[], list[pl.Callback]]] = {
+    "none": lambda: [],
+    "prox": lambda: [PathNormRegularization(lam=1e-4, mode="prox")],
+    "penalty": lambda: [PathNormRegularization(lam=1e-4, mode="penalty")],
+    "weight_decay": lambda: [PathNormRegularization(lam=1e-4, mode="weight_decay")],
+    "BVMonitor": lambda: [BVMonitor()],
+}
+
+
+class Batches(Dataset):
+    """``steps`` ready-made batches (cycling over 4 distinct ones: no per-sample collation cost)."""
+
+    def __init__(self, shape: tuple[int, ...], steps: int) -> None:
+        g = torch.Generator().manual_seed(0)
+        self.x = torch.randn(4, *shape, generator=g)
+        self.y = torch.randint(0, 10, (4, shape[0]), generator=g)
+        self.steps = steps
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def __getitem__(self, i: int) -> tuple[Tensor, Tensor]:
+        return self.x[i % 4], self.y[i % 4]
+
+
+def module_for(model: str) -> Classifier:
+    torch.manual_seed(0)
+    return Classifier(MODELS[model][0]())
+
+
+@torch.no_grad()
+def path_norm_cost(model: str, repeats: int) -> dict[str, Any]:
+    """Median ms of one forward pass and of path_norm p=1 and p=2; or why path_norm does not apply."""
+    net = module_for(model).net.eval()
+    x = Batches(MODELS[model][1], 1).x[0]
+
+    def ms(f: Callable[[], Any]) -> float:
+        f()
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            f()
+            times.append(1e3 * (time.perf_counter() - t0))
+        return statistics.median(times)
+
+    out: dict[str, Any] = {"forward_ms": ms(lambda: net(x))}
+    try:
+        for p in (1, 2):
+            out[f"path_norm_l{p}_ms"] = ms(lambda p=p: path_norm(net, x[:1], p))
+            out[f"path_norm_l{p}"] = float(path_norm(net, x[:1], p))
+    except Exception as e:  # a model path_norm does not support: say why
+        out["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
+    return out
+
+
+def main(argv: list[str] | None = None) -> str:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--steps", type=int, default=60, help="steps per fit (5 warm-up steps are not timed)")
+    p.add_argument("--models", nargs="*", default=list(MODELS), choices=list(MODELS))
+    p.add_argument("--configs", nargs="*", default=list(CONFIGS), choices=list(CONFIGS))
+    p.add_argument("--quick", action="store_true", help="one repeat of 20 steps")
+    args = p.parse_args(argv)
+    quiet_lightning()
+    repeats, steps = (1, 20) if args.quick else (args.repeats, args.steps)
+    configs = ["none", *(c for c in args.configs if c != "none")]
+    times = {m: {c: [] for c in configs} for m in args.models}
+    for r in range(repeats):
+        for m in args.models:
+            data = DataLoader(Batches(MODELS[m][1], steps), batch_size=None)
+            for c in configs[r % len(configs) :] + configs[: r % len(configs)]:  # rotated order
+                times[m][c] += fit_once(CONFIGS[c](), data, steps, module_for(m))
+    rows = []
+    for m in args.models:
+        base_med, base_mean = statistics.median(times[m]["none"]), statistics.fmean(times[m]["none"])
+        for c in configs:
+            med, mean = statistics.median(times[m][c]), statistics.fmean(times[m][c])
+            goal = "-" if c == "none" else ("met" if med / base_med <= 1.05 else "missed")
+            rows.append([m, c, med * 1e3, med / base_med, mean / base_mean, goal])
+    header = ["model", "configuration", "median step ms", "median ratio", "mean ratio", "goal <= 1.05 (median)"]
+    table = markdown_table(header, rows)
+    norms = {m: path_norm_cost(m, 3 if args.quick else 10) for m in args.models}
+    norm_rows = []
+    for m, r in norms.items():
+        if "error" in r:
+            norm_rows.append([m, r["forward_ms"], "-", "-", "-", r["error"]])
+        else:
+            ratio = (r["path_norm_l1_ms"] + r["path_norm_l2_ms"]) / 2 / r["forward_ms"]
+            norm_rows.append(
+                [m, r["forward_ms"], r["path_norm_l1_ms"], r["path_norm_l2_ms"], ratio,
+                 f"l1 {r['path_norm_l1']:.3g}, l2 {r['path_norm_l2']:.3g}"]
+            )  # fmt: skip
+    norm_header = ["model", "forward ms (batch)", "path_norm p=1 ms", "path_norm p=2 ms", "path_norm / forward",
+                   "values at init"]  # fmt: skip
+    table += "\n\n" + markdown_table(norm_header, norm_rows)
+    table += (
+        f"\n\n{repeats} interleaved repeat(s) of {steps} steps per configuration; "
+        f"{torch.get_num_threads()} torch threads."
+    )
+    print(table)
+    save("cost", table, {"repeats": repeats, "steps": steps, "step_s": times, "path_norm": norms})
+    return table
+
+
+if __name__ == "__main__":
+    main()
