@@ -29,7 +29,7 @@ BENCHMARKS: dict[str, tuple[str, list[str]]] = {
     "overhead": ("step time with PathNormRegularization / without, per mode", ["--repeats", "2", "--steps", "20"]),
     "monitor_overhead": ("epoch time with BVMonitor / without", ["--repeats", "1", "--steps", "200"]),
     "cost": ("overhead per mode and BVMonitor on an MLP, a CNN and a transformer FFN; path_norm", ["--quick"]),
-    "low_rank": ("forward time of factorized low-rank Linear layers / dense", ["--repeats", "10"]),
+    "low_rank": ("forward time of factorized low-rank Linear layers / dense", ["--repeats", "10", "--ranks", "256"]),
     "compaction": ("forward time and parameters of a compacted MLP / the original", ["--repeats", "5"]),
     "sparsity": ("sparsity against accuracy: PathNormRegularization, AdamW weight decay, ModelPruning", ["--quick"]),
     "convergence": ("objective loss + lam * R against steps: prox vs weight decay", ["--quick"]),

@@ -161,7 +161,7 @@ def plot(results: dict[float, dict[str, list[dict[str, Any]]]], path: str) -> No
             ax.grid(alpha=0.3)
     fig.suptitle("Digits (1000 points), MLP 64-256-10, SGD + PathNormRegularization")
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
+    fig.savefig(path, dpi=72)
     plt.close(fig)
 
 
@@ -214,7 +214,8 @@ def main(argv: list[str] | None = None) -> str:
     for lam, by_mode in results.items():
         text, summary = summarize(lam, by_mode, steps)
         sections.append(text)
-        data_out[str(lam)] = {**summary, "curves": {m: [r["rows"] for r in runs] for m, runs in by_mode.items()}}
+        curves = {m: [_thin([(r[0], r[3]) for r in res["rows"]]) for res in runs] for m, runs in by_mode.items()}
+        data_out[str(lam)] = {**summary, "objective_curves": curves}
     table = "\n\n".join(sections)
     table += (
         f"\n\nSGD lr = {args.lr:g} (no momentum), batch 100, {steps} steps, seeds {seeds}. Step counts are medians "
@@ -232,6 +233,13 @@ def main(argv: list[str] | None = None) -> str:
         {"lr": args.lr, "steps": steps, "seeds": seeds, "every": args.every, "lams": data_out},
     )
     return table
+
+
+def _thin(points: list[tuple[int, float]], n: int = 60) -> list[list[float]]:
+    """At most about ``n`` (step, objective) points of a curve, evenly spaced, the last one kept."""
+    every = max(1, len(points) // n)
+    kept = points[::every] + ([points[-1]] if (len(points) - 1) % every else [])
+    return [[step, round(value, 6)] for step, value in kept]
 
 
 def _median_steps(hits: list[int | None]) -> str:

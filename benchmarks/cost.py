@@ -183,7 +183,11 @@ def main(argv: list[str] | None = None) -> str:
         f"{torch.get_num_threads()} torch threads."
     )
     print(table)
-    save("cost", table, {"repeats": repeats, "steps": steps, "step_s": times, "path_norm": norms})
+    summary = {
+        m: {c: {"median_step_s": statistics.median(t), "mean_step_s": statistics.fmean(t)} for c, t in by_c.items()}
+        for m, by_c in times.items()
+    }
+    save("cost", table, {"repeats": repeats, "steps": steps, "step_times": summary, "path_norm": norms})
     return table
 
 
