@@ -30,9 +30,12 @@ class MLP(pl.LightningModule):
             layers += [nn.Linear(1024, 1024), nn.ReLU()]
         self.net = nn.Sequential(*layers, nn.Linear(1024, 10))
 
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
     def training_step(self, batch, batch_idx):
         x, y = batch
-        return nn.functional.cross_entropy(self.net(x), y)
+        return nn.functional.cross_entropy(self(x), y)
 
     def configure_optimizers(self):
         return torch.optim.SGD(self.parameters(), lr=0.01, momentum=0.9)
