@@ -86,9 +86,12 @@ class Slot:
 
     def reduce(self, t: Tensor, how: str = "sq") -> Tensor:
         """Per-neuron sum of squares (``how="sq"``) or of absolute values (``"abs"``) of the entries in ``t``."""
-        e = t * t if how == "sq" else t.abs()
         if self.dim == 0:
-            return e.reshape(e.shape[0], -1).sum(1)
+            # rows: vector_norm reads t once without a temporary (about 3x faster than (t * t).sum(1) on CPU); the
+            # same op with and without grad, so scores do not depend on the grad mode
+            n = torch.linalg.vector_norm(t.reshape(t.shape[0], -1), ord=2 if how == "sq" else 1, dim=1)
+            return n * n if how == "sq" else n
+        e = t * t if how == "sq" else t.abs()
         cols = e.sum(0)  # column sums are a strided reduction over rows; cheaper than vector_norm(dim=0)
         if cols.dim() > 1:
             cols = cols.reshape(cols.shape[0], -1).sum(1)
@@ -115,6 +118,17 @@ class Slot:
         return full.reshape(1, -1, *([1] * (t.dim() - 2)))
 
     # -- writing (in place, routed to the real parameters) ---------------------------------------------------
+    def covers_all(self, num_neurons: int) -> bool:
+        """Whether every entry of a plain (not low-rank) tensor belongs to one of the ``num_neurons`` of this slot."""
+        if self._lowrank() is not None:
+            return False
+        t = self.tensor()
+        if self.dim == 0:
+            return t.shape[0] == num_neurons
+        if self.index is None:
+            return t.shape[1] == num_neurons
+        return self.index.numel() == t.shape[1] and self.index.unique().numel() == t.shape[1]
+
     def _lowrank(self) -> tuple[Tensor, Tensor] | None:
         return low_rank_factors(self.module) if self.param == "weight" else None
 

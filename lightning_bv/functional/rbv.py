@@ -250,6 +250,12 @@ def _shared_producers(groups: list[NeuronGroup]) -> set[str]:
     return {name for names in owners.values() if len(names) > 1 for name in names}
 
 
+def _feeds_itself(group: NeuronGroup) -> bool:
+    """Whether one tensor holds both input-side and output-side entries of ``group`` (rescaling one moves both)."""
+    ins = {id(s.written()) for s in group.w_slots + group.b_slots}
+    return any(id(s.written()) in ins for s in group.v_slots)
+
+
 @torch.no_grad()
 def prox_(
     groups: Groups, tau: float | Tensor | Mapping[str, float], q: int = 2, *, on_nonfinite: str = "ignore"
@@ -315,21 +321,25 @@ def prox_(
             skipped.append(g.name)
             continue
         scale = torch.ones_like(w)
+        a: Tensor | None = None
         if g.name in shared and not g.b_slots and g.activation == "identity":
             # rank components: balancing U[:, j] and V[j] leaves W = U V (so every other group) unchanged and keeps
             # the factors well conditioned (normalizing them instead diverged under SGD, even at tau = 0)
             live = (w > 0) & (v > 0)
             a = torch.where(live, (v / torch.where(live, w, scale)).sqrt(), scale)
-            _rescale_(g, a)
-            w = w * a
+            new_w = w * a
         elif g.name not in shared:
             live = w > 0
-            _rescale_(g, torch.where(live, 1.0 / torch.where(live, w, scale), scale))
-            w = torch.where(live, scale, w)
+            a = torch.where(live, 1.0 / torch.where(live, w, scale), scale)
+            new_w = torch.where(live, scale, w)
+        if a is not None:
+            _rescale_(g, a)
+            w = new_w
+            # ||v_k|| / a_k without reading v again, unless a tensor holds both sides of the group: measure then
+            v = group_norms(g, q)[1] if _feeds_itself(g) else v / a
         reg = [s for s in g.v_slots if s.regularized]
         thr = t * w
         if q == 2:
-            v = _safe_sqrt(sum(s.reduce(s.tensor(), "sq") for s in reg))  # type: ignore[arg-type]
             factor = (1.0 - thr / torch.where(v > 0, v, scale)).clamp_min(0.0) * (v > 0)
             for s in reg:
                 s.scale_(factor)
@@ -382,19 +392,25 @@ def add_weight_decay_grad_(groups: Groups, lam: float, *, on_nonfinite: str = "i
     slots = [[s for s in g.w_slots + g.v_slots if s.regularized] for g in glist]
     skipped: list[str] = []
     if on_nonfinite != "ignore" and glist:
-        checked, flags = [], []
-        for g, ss in zip(glist, slots):
-            if ss:
-                checked.append(g)
-                flags.append(torch.stack([torch.stack(torch.aminmax(s.tensor())) for s in ss]).isfinite().all())
-        finite = torch.stack(flags).tolist() if flags else []  # one sync for all groups
-        suspects = [g for g, ok in zip(checked, finite) if not ok]
+        tensors = {id(t): t for ss in slots for t in (s.tensor() for s in ss)}  # a shared matrix is read once
+        finite_of = dict(zip(tensors, torch.stack([torch.stack(torch.aminmax(t)) for t in tensors.values()])
+                             .isfinite().all(1).tolist()))  # fmt: skip  # one sync for all groups
+        suspects = [g for g, ss in zip(glist, slots) if not all(finite_of[id(s.tensor())] for s in ss)]
         if suspects:  # a consumer's bad entries may be in another group's columns: decide on the groups' own norms
             skipped = _nonfinite_groups(suspects, [group_norms(g, 2) for g in suspects], on_nonfinite)
+    whole: dict[int, tuple[Tensor, float]] = {}  # tensor -> (tensor, summed coefficient) for slots covering it all
     for g, ss in zip(glist, slots):
         if g.name in skipped:
             continue
         c = torch.full((g.num_neurons,), float(lam))
         for s in ss:
-            s.add_scaled_grad_(c.to(s.tensor().device))
+            if s.covers_all(g.num_neurons):
+                t = s.tensor()
+                whole[id(t)] = (t, whole.get(id(t), (t, 0.0))[1] + lam)
+            else:
+                s.add_scaled_grad_(c.to(s.tensor().device))
+    for t, coef in whole.values():  # one pass per tensor (the middle matrix of a chain is two groups' slots)
+        if t.grad is None:
+            t.grad = torch.zeros_like(t)
+        t.grad.add_(t, alpha=coef)
     return skipped
