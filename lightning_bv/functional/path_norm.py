@@ -90,6 +90,15 @@ def _tensors(obj: Any) -> Iterator[Tensor]:
             yield from _tensors(item)
 
 
+def _abs_pow(t: Tensor, p: float) -> Tensor:
+    """``|t|^p`` in one pass for the common p (a weight matrix is read once per path-norm)."""
+    if p == 1:
+        return t.abs()
+    if p == 2:
+        return t.square()
+    return t.abs().pow(p)
+
+
 def _bind(group: str, args: Sequence[Any], kwargs: dict[str, Any]) -> dict[str, Any]:
     bound = dict(zip(_ARGS[group], args, strict=False))
     bound.update(kwargs)
@@ -180,7 +189,7 @@ class _PathNormMode(TorchFunctionMode):
         if isinstance(value, Tensor):
             if self.is_act(value) or not (numbers or value.is_floating_point()):
                 return value
-            return value.to(torch.float64).abs().pow(self.p)
+            return _abs_pow(value.to(torch.float64), self.p)
         if numbers and isinstance(value, (int, float)) and not isinstance(value, bool):
             return abs(value) ** self.p
         if type(value) in (list, tuple):
@@ -263,7 +272,7 @@ class _PathNormMode(TorchFunctionMode):
             scale = scale * bn["weight"]
         shift = -mean * scale if bn.get("bias") is None else bn["bias"] - mean * scale
         shape = (-1,) + (1,) * (x.dim() - 2)  # channels on dimension 1
-        return x * scale.abs().pow(self.p).reshape(shape) + shift.abs().pow(self.p).reshape(shape)
+        return x * _abs_pow(scale, self.p).reshape(shape) + _abs_pow(shift, self.p).reshape(shape)
 
     def _max_pool(self, func: Callable, name: str, args: list, kwargs: dict) -> Any:
         b = _bind("max_pool", args, kwargs)  # return_indices=True dispatches to `max_pool*_with_indices`: refused
