@@ -26,8 +26,11 @@ import torch
 
 # name -> (what it measures, arguments for --quick)
 BENCHMARKS: dict[str, tuple[str, list[str]]] = {
-    "overhead": ("step time with PathNormRegularization / without, per mode", ["--repeats", "2", "--steps", "20"]),
-    "monitor_overhead": ("epoch time with BVMonitor / without", ["--repeats", "1", "--steps", "200"]),
+    "overhead": ("step time with PathNormRegularization / without, per mode", ["--repeats", "1", "--blocks", "1"]),
+    "monitor_overhead": (
+        "step time with BVMonitor / without, at its default interval",
+        ["--repeats", "1", "--blocks", "1"],
+    ),
     "cost": ("overhead per mode and BVMonitor on an MLP, a CNN and a transformer FFN; path_norm", ["--quick"]),
     "low_rank": ("forward time of factorized low-rank Linear layers / dense", ["--repeats", "10", "--ranks", "256"]),
     "compaction": ("forward time and parameters of a compacted MLP / the original", ["--repeats", "5"]),
