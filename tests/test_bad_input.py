@@ -351,7 +351,7 @@ class Diverging(MLPModule):
 def test_nonfinite_weights_stop_the_fit_naming_the_group(mode, value, kind):
     torch.manual_seed(0)
     module = Diverging(value)
-    cb = PathNormRegularization(lam=0.1, mode=mode)
+    cb = PathNormRegularization(lam=0.1, mode=mode, every_n_steps=1)
     with pytest.raises(
         FloatingPointError,
         match=rf"PathNormRegularization \(mode='{mode}'\) at global step 3: neuron group 'net\.0' has non-finite "
@@ -369,7 +369,7 @@ def test_nonfinite_weights_stop_the_fit_naming_the_group(mode, value, kind):
 def test_nonfinite_weights_skip_warns_once_and_counts():
     torch.manual_seed(0)
     module = Diverging(NAN)
-    cb = PathNormRegularization(lam=0.1, mode="weight_decay", on_nonfinite="skip")
+    cb = PathNormRegularization(lam=0.1, mode="weight_decay", on_nonfinite="skip", every_n_steps=1)
     with pytest.warns(UserWarning, match="on_nonfinite='skip'") as record:
         trainer(callbacks=[cb], max_steps=6).fit(module)
     messages = [str(r.message) for r in record if "on_nonfinite='skip'" in str(r.message)]

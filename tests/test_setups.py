@@ -154,7 +154,7 @@ def test_low_rank_and_prox_under_mixed_precision_match_an_autocast_loop(precisio
         opt.step()
         lbv.prox_(found, lam * lr)
 
-    low_rank, path_norm = LowRank(rank=2, targets=["net.0", "net.2"]), PathNormRegularization(lam=lam)
+    low_rank, path_norm = LowRank(rank=2, targets=["net.0", "net.2"]), PathNormRegularization(lam=lam, every_n_steps=1)
     t = trainer(callbacks=[low_rank, path_norm], max_steps=steps, precision=precision)
     t.fit(module)
     assert t.precision_plugin.scaler is None  # on CPU, autocast without a GradScaler
@@ -226,7 +226,7 @@ def test_prox_uses_the_learning_rate_of_the_group_holding_the_output_weights():
     expected = two_heads_by_hand(start, lam, {"a.0": 0.01, "b.0": 0.1}, steps)  # the lr of a.2 and of b.2
     wrong = two_heads_by_hand(start, lam, {"a.0": 0.1, "b.0": 0.01}, steps)  # the lr of the input weights
     module = copy.deepcopy(start)
-    cb = PathNormRegularization(lam=lam)
+    cb = PathNormRegularization(lam=lam, every_n_steps=1)
     trainer(callbacks=[cb], max_steps=steps).fit(module)
     assert cb.groups.names == ["a.0", "b.0"]
     for (n, p), e in zip(module.named_parameters(), expected.parameters()):

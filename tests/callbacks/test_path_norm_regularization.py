@@ -1,4 +1,5 @@
 import copy
+import inspect
 import types
 
 import pytest
@@ -45,7 +46,7 @@ def test_matches_plain_pytorch_loop(mode, q):
     torch.manual_seed(0)
     module = PlainSGD(lr=0.05)
     expected = manual_run(module, mode, lam=0.2, steps=6, lr=0.05, q=q)
-    cb = PathNormRegularization(lam=0.2, q=q, mode=mode)
+    cb = PathNormRegularization(lam=0.2, q=q, mode=mode, every_n_steps=1)
     trainer(callbacks=[cb], max_steps=6).fit(module)
     for (n, p), e in zip(module.net.named_parameters(), expected.parameters()):
         torch.testing.assert_close(p, e, atol=1e-5, rtol=1e-5, msg=n)
@@ -56,9 +57,8 @@ def test_gradient_accumulation_adds_penalty_once_per_optimizer_step():
     torch.manual_seed(0)
     module = PlainSGD(lr=0.05)
     expected = manual_run(module, "penalty", lam=0.3, steps=3, lr=0.05, accumulate=2)
-    trainer(callbacks=[PathNormRegularization(lam=0.3, mode="penalty")], max_steps=3, accumulate_grad_batches=2).fit(
-        module
-    )
+    cb = PathNormRegularization(lam=0.3, mode="penalty", every_n_steps=1)
+    trainer(callbacks=[cb], max_steps=3, accumulate_grad_batches=2).fit(module)
     for p, e in zip(module.net.parameters(), expected.parameters()):
         torch.testing.assert_close(p, e, atol=1e-5, rtol=1e-5)
 
@@ -161,15 +161,84 @@ def test_example_input_array_discovers_at_setup():
     assert cb.groups.names == ["net.0", "net.2"]
 
 
-def test_every_n_steps_matches_k_times_strength():
+@pytest.mark.parametrize("every", [4, 8])
+def test_every_n_steps_matches_k_times_strength(every):
+    assert inspect.signature(PathNormRegularization).parameters["every_n_steps"].default == 8
     torch.manual_seed(0)
     module = PlainSGD(lr=0.05)
     lazy = copy.deepcopy(module)
-    trainer(callbacks=[PathNormRegularization(lam=0.02, mode="prox")], max_steps=24).fit(module)
-    trainer(callbacks=[PathNormRegularization(lam=0.02, mode="prox", every_n_steps=4)], max_steps=24).fit(lazy)
+    trainer(callbacks=[PathNormRegularization(lam=0.02, mode="prox", every_n_steps=1)], max_steps=48).fit(module)
+    trainer(callbacks=[PathNormRegularization(lam=0.02, mode="prox", every_n_steps=every)], max_steps=48).fit(lazy)
     r1 = lbv.rbv_norm(lbv.find_neurons(module.net, torch.randn(1, 4))).item()
     r4 = lbv.rbv_norm(lbv.find_neurons(lazy.net, torch.randn(1, 4))).item()
     assert r4 == pytest.approx(r1, rel=0.05)
+
+
+def _record_strengths(monkeypatch, name):
+    """Spy on the update function ``name`` the callback calls: record the strength of every call, then run it."""
+    import lightning_bv.callbacks.path_norm_regularization as module
+
+    calls = []
+    real = getattr(module, name)
+
+    def spy(groups, strength, *args, **kwargs):
+        calls.append(strength if not isinstance(strength, dict) else max(strength.values()))
+        return real(groups, strength, *args, **kwargs)
+
+    monkeypatch.setattr(module, name, spy)
+    return calls
+
+
+class SinceAtEpochEnd(pl.Callback):
+    """Reads the regularizer's debt of steps at every epoch end and at validation (both should see it paid)."""
+
+    def __init__(self, cb):
+        self.cb, self.seen = cb, []
+
+    def on_validation_start(self, trainer, pl_module):
+        if trainer.global_step:
+            self.seen.append(self.cb._since)
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        self.seen.append(self.cb._since)
+
+
+class Validated(MLPModule):
+    def validation_step(self, batch, batch_idx):
+        self.log("val_loss", nn.functional.mse_loss(self(batch[0]), batch[1]))
+
+
+def test_lazy_updates_also_close_every_epoch_and_the_fit(monkeypatch):
+    calls = _record_strengths(monkeypatch, "add_weight_decay_grad_")
+    cb = PathNormRegularization(lam=0.1, mode="weight_decay", every_n_steps=3)
+    probe = SinceAtEpochEnd(cb)
+    module = Validated()
+    val = DataLoader(regression_data(16), batch_size=16)
+    # 4 batches an epoch, max_steps=10: due at steps 3, 4 (epoch end), 7, 8 (epoch end) and 10 (end of the fit)
+    trainer(callbacks=[cb, probe], max_steps=10).fit(module, module.train_dataloader(), val)
+    assert calls == pytest.approx([0.3, 0.1, 0.3, 0.1, 0.2])
+    assert sum(calls) == pytest.approx(0.1 * 10)  # the strength of every step, none lost, none twice
+    assert probe.seen and all(since == 0 for since in probe.seen)
+
+
+class StopsAt(MLPModule):
+    def __init__(self, stop_step, **kwargs):
+        super().__init__(**kwargs)
+        self.stop_step = stop_step
+
+    def on_train_batch_end(self, outputs, batch, batch_idx):
+        if self.trainer.global_step == self.stop_step:
+            self.trainer.should_stop = True
+
+
+def test_a_fit_stopped_between_lazy_updates_gets_its_pending_prox(monkeypatch):
+    calls = _record_strengths(monkeypatch, "prox_")
+    cb = PathNormRegularization(lam=0.1, every_n_steps=8)
+    module = StopsAt(6, lr=0.05)
+    trainer(callbacks=[cb], max_steps=100).fit(module)
+    # step 4 closes epoch 1 (4 steps owed), steps 5 and 6 are owed when should_stop ends the fit: on_train_end
+    assert calls == pytest.approx([4 * 0.1 * 0.05, 2 * 0.1 * 0.05])
+    assert cb._since == 0 and cb._steps == 6
 
 
 @pytest.mark.parametrize(
