@@ -85,7 +85,13 @@ class Slot:
         return t[0, 0].numel() if t.dim() > 2 else 1
 
     def reduce(self, t: Tensor, how: str = "sq") -> Tensor:
-        """Per-neuron sum of squares (``how="sq"``) or of absolute values (``"abs"``) of the entries in ``t``."""
+        """Per-neuron sum of squares (``how="sq"``) or of absolute values (``"abs"``) of the entries in ``t``.
+
+        Half-precision entries are summed in float32 (the result is float32): a row of fp16 entries near 300 is
+        finite, its sum of squares is not.
+        """
+        if t.dtype in (torch.float16, torch.bfloat16):
+            t = t.float()
         if self.dim == 0:
             # rows: vector_norm reads t once without a temporary (about 3x faster than (t * t).sum(1) on CPU); the
             # same op with and without grad, so scores do not depend on the grad mode

@@ -271,3 +271,23 @@ def test_shared_rank_components_are_balanced_by_prox_zero():
     w, v = group_norms(groups["blocks.0.fc2:rank"])
     torch.testing.assert_close(w, v)  # balanced, not normalized
     assert (net(x) - y0).abs().max().item() <= 1e-10
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_norms_are_summed_in_float32(dtype):
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 3))
+    with torch.no_grad():
+        net[0].weight.mul_(1000.0)  # entries near 300: finite in fp16, their squares (~1e5) are not
+    net = net.to(dtype)
+    if dtype == torch.float16:  # what the old half-precision sum did
+        assert torch.isinf((net[0].weight * net[0].weight).sum(1)).all()
+    expected = neuron_scores(find_neurons(copy.deepcopy(net).float(), torch.randn(2, 8)))["0"]
+    groups = find_neurons(net, torch.randn(2, 8, dtype=dtype))
+    scores = neuron_scores(groups)["0"]
+    assert scores.dtype == torch.float32
+    assert torch.isfinite(scores).all()
+    torch.testing.assert_close(scores, expected, rtol=1e-6, atol=0)
+    # the finite-weights check reads these norms: a finite half model must not be stopped as "non-finite"
+    assert prox_(groups, 1e-3, on_nonfinite="raise") == []
+    assert all(torch.isfinite(p).all() for p in net.parameters())
