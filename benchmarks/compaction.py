@@ -2,10 +2,10 @@
 
 MLP 64 -> 4 x 1024 -> 10 on scikit-learn's bundled digits (8x8 images, 10 classes; nothing downloads), trained in a
 plain PyTorch loop with SGD and the proximal step of the path-norm after every step (what
-``PathNormRegularization(mode="prox")`` does) until most neurons are dead. Then ``lightning_bv.compact`` (tol=0: the
-same function) and forward passes of both models on one batch, in eval mode without grad: the two are interleaved
-(original, compacted, original, ...) so drift on a shared machine hits both alike; the time is the median over
-repeats.
+``PathNormRegularization(mode="prox", every_n_steps=1)`` does) until most neurons are dead. Then
+``lightning_bv.compact`` (tol=0: the same function) and forward passes of both models on one batch, in eval mode
+without grad: the two are interleaved (original, compacted, original, ...) so drift on a shared machine hits both
+alike; the time is the median over repeats.
 
     python -m benchmarks.compaction [--lam 0.3] [--steps 200] [--warmup 50] [--repeats 20] [--batch 256]
 """

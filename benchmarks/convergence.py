@@ -4,7 +4,8 @@ The PathProx claim (THEORY.md section 4): in the interpolation regime, where the
 the proximal step reaches a given value of the objective in fewer steps than weight decay. Setting: the first 1000
 training points of ``DigitsData`` (standardized), MLP 64 -> 256 -> 10 (one hidden layer: no weight matrix is shared
 between neuron groups, so R is exact), cross-entropy, plain SGD (no momentum) with batches of 100 and the same
-learning rate and initialization for every mode, ``PathNormRegularization(lam, mode=...)`` in a real Trainer. A
+learning rate and initialization for every mode, ``PathNormRegularization(lam, mode=..., every_n_steps=1)`` (the
+update on every step: the claim is about the per-step algorithms, not the lazy default) in a real Trainer. A
 callback placed after it records, every ``--every`` steps, the full-data objective ``mean CE + lam * R`` with
 ``R = rbv_norm(groups)`` (the function-space quantity every mode targets; weight decay minimizes the upper bound
 ``lam/2 sum(||v||^2 + ||w||^2)``, equal to ``lam * R`` at balance).
@@ -118,7 +119,9 @@ def run(mode: str, x: Tensor, y: Tensor, lam: float, lr: float, steps: int, ever
     pl.seed_everything(seed, verbose=False)
     model = Net(lr)
     recorder = ObjectiveRecorder(x, y, lam, every)
-    regularizer = PathProxProjection(lam) if mode == REFERENCE else PathNormRegularization(lam=lam, mode=mode)
+    regularizer = (
+        PathProxProjection(lam) if mode == REFERENCE else PathNormRegularization(lam=lam, mode=mode, every_n_steps=1)
+    )
     trainer = pl.Trainer(
         accelerator="cpu",
         max_steps=steps,

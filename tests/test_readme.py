@@ -81,3 +81,28 @@ def test_plain_pytorch_snippet_runs():
     scope = {"model": model, "example_input": torch.randn(4, 3), "lam": 0.1, "lr": 0.05}
     exec(blocks("python")[1], scope)  # noqa: S102
     assert scope["penalty"].requires_grad
+
+
+def test_api_table_shows_the_real_defaults():
+    """Every ``name=value`` in the README's API table is the default of that parameter in the code."""
+    import ast
+    import importlib
+    import inspect
+
+    import lightning_bv
+
+    rows = re.findall(r"^\| `(.+?)` \|", README, flags=re.M)
+    checked = 0
+    for cell in rows:
+        for call in re.findall(r"((?:callbacks\.)?\w+)\(([^`]*?)\)", cell):
+            where, _, name = call[0].rpartition(".")
+            obj = getattr(importlib.import_module(f"lightning_bv.{where}") if where else lightning_bv, name)
+            params = inspect.signature(obj).parameters
+            for arg in (a.strip() for a in call[1].split(",")):
+                if "=" in arg:
+                    name, value = arg.split("=", 1)
+                    assert params[name].default == ast.literal_eval(value), f"{call[0]}({arg}) in README.md"
+                    checked += 1
+                else:
+                    assert arg in params, f"{call[0]} has no parameter {arg!r} (README.md)"
+    assert checked >= 20
