@@ -137,9 +137,11 @@ def train_rbvnet(
 def check_balance(net: lbv.RBVNet, x: Tensor) -> dict[str, Any]:
     """(b) balance_ keeps the function and R, and makes the neuron weight decay equal R.
 
-    ``balance_`` leaves alone the neurons with one zero side. The prox makes such neurons: ``v_k = 0`` with
-    ``||w_k|| = 1`` (it normalizes before it shrinks), each adding ``||w_k||^2 / 2`` to the weight decay and 0 to R.
-    The identity is checked on the neurons with both sides nonzero; the rest is reported (``half_dead_*``).
+    The prox leaves neurons with one zero side (``v_k = 0`` with ``||w_k|| = 1``: it normalizes before it shrinks),
+    each adding ``||w_k||^2 / 2`` to the weight decay and 0 to R; ``balance_`` zeroes their other side (the limit of
+    the rescaling; the function is unchanged), except for a neuron with ``w_k = 0`` whose output ``relu(b_k) > 0`` is
+    a constant its output weights carry. The identity is checked on the neurons with both sides nonzero; what is
+    left with one zero side after ``balance_`` is reported (``half_dead_*``; 0 when every dead neuron was zeroed).
     """
     groups = lbv.find_neurons(net, x[:2])
     with torch.no_grad():

@@ -215,8 +215,13 @@ def _rescale_(group: NeuronGroup, a: Tensor) -> None:
 def balance_(groups: Groups, q: int = 2) -> None:
     """Rescale every neuron so that ``||v_k||_q == ||w_k||_2``, in place, without changing the function.
 
-    Neurons with a zero side are left alone. Groups are processed in order (discovery order is topological); when
-    no weight matrix is shared between two groups, afterwards ``neuron_weight_decay(groups) == rbv_norm(groups)``.
+    A neuron with one zero side gets the limit of that rescaling, the other side zeroed too, where that cannot change
+    the function: input weights and bias of a neuron nobody reads (every output weight 0, skip connections
+    included), output weights of a neuron whose output is 0 (input weights 0 and ``s(b_k) = 0``, e.g. a ReLU with
+    ``b_k <= 0``). The prox leaves the first kind (``v_k = 0`` with ``||w_k|| = 1``). A neuron with zero input
+    weights and a constant nonzero output ``s(b_k)`` is left alone (its output weights carry the constant; see
+    :func:`lightning_bv.compact`). Groups are processed in order (discovery order is topological); when no weight
+    matrix is shared between two groups, afterwards ``neuron_weight_decay(groups) == rbv_norm(groups)``.
 
     Example:
         >>> import torch
@@ -234,6 +239,30 @@ def balance_(groups: Groups, q: int = 2) -> None:
         live = (w > 0) & (v > 0)
         a = torch.where(live, (v / torch.where(live, w, torch.ones_like(w))).sqrt(), torch.ones_like(w))
         _rescale_(g, a)
+        _zero_dead_sides_(g, w, v)
+
+
+def _zero_dead_sides_(g: NeuronGroup, w: Tensor, v: Tensor) -> None:
+    """Zero the nonzero side of neurons whose other side makes them provably dead (see :func:`balance_`)."""
+    if bool(((w > 0) & (v > 0)).all()):
+        return
+    read = sum(s.reduce(s.tensor(), "sq") for s in g.v_slots) > 0  # skips read the neuron too
+    unread = (w > 0) & ~read
+    mute = torch.zeros_like(unread)
+    if all(n is None for n in g.norms):  # with BatchNorm the pre-activation of w_k = 0 is not just the bias
+        bias = torch.zeros_like(w)
+        for s in g.b_slots:  # a producer without bias adds nothing: b_k = 0
+            bias = bias + s.tensor().detach().reshape(-1).to(bias.dtype)
+        silent = (bias <= 0) if g.activation == "relu" else (bias == 0)  # s(b_k) == 0
+        mute = (w == 0) & (v > 0) & silent
+    if bool(unread.any()):
+        keep = (~unread).to(w.dtype)
+        for s in g.w_slots + g.b_slots:
+            s.scale_(keep)
+    if bool(mute.any()):
+        keep = (~mute).to(w.dtype)
+        for s in g.v_slots:
+            s.scale_(keep)
 
 
 def _shared_producers(groups: list[NeuronGroup]) -> set[str]:

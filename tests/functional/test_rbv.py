@@ -291,3 +291,28 @@ def test_half_precision_norms_are_summed_in_float32(dtype):
     # the finite-weights check reads these norms: a finite half model must not be stopped as "non-finite"
     assert prox_(groups, 1e-3, on_nonfinite="raise") == []
     assert all(torch.isfinite(p).all() for p in net.parameters())
+
+
+def test_balance_zeroes_the_other_side_of_dead_neurons():
+    torch.manual_seed(4)
+    net = nn.Sequential(nn.Linear(3, 8), nn.ReLU(), nn.Linear(8, 2)).double()
+    with torch.no_grad():
+        net[2].weight[:, 0] = 0.0  # neuron 0: nobody reads it
+        net[0].weight[1] = 0.0  # neuron 1: zero input weights, bias <= 0: outputs 0
+        net[0].bias[1] = -0.5
+        net[0].weight[2] = 0.0  # neuron 2: zero input weights, bias > 0: the constant relu(b) that v carries
+        net[0].bias[2] = 0.7
+    x = torch.randn(16, 3, dtype=torch.float64)
+    y0 = net(x)
+    groups = find_neurons(net, x[:2])
+    balance_(groups)
+    torch.testing.assert_close(net(x), y0, rtol=0, atol=1e-12)  # the same function
+    w, v = group_norms(groups[0])
+    assert w[0] == 0
+    assert net[0].bias[0] == 0
+    assert v[1] == 0
+    assert v[2] > 0  # left alone: removing it would change the function
+    live = (w > 0) & (v > 0)
+    torch.testing.assert_close(w[live], v[live])
+    r = rbv_norm(groups).item()
+    assert neuron_weight_decay(groups).item() - 0.5 * v[2].item() ** 2 == pytest.approx(r, rel=1e-12)
