@@ -195,7 +195,7 @@ FUNCTION_ROWS: list[tuple[str, Callable[[], nn.Module], Callable[[nn.Module], An
     ("PathNormRegularization-lam", mlp, callback_arg(PathNormRegularization, lam=-1.0), ValueError, r"`lam` must be a finite float >= 0 or a callable of the global step, got -1\.0"),
     ("PathNormRegularization-q", mlp, callback_arg(PathNormRegularization, lam=0.1, q=2.5), ValueError, r"`q` must be 1 or 2"),
     ("PathNormRegularization-mode", mlp, callback_arg(PathNormRegularization, lam=0.1, mode="l1"), ValueError, r"`mode` must be one of \('prox', 'penalty', 'weight_decay'\), got 'l1'"),
-    ("PathNormRegularization-every_n_steps", mlp, callback_arg(PathNormRegularization, lam=0.1, every_n_steps=1.0), ValueError, r"`every_n_steps` must be an int >= 1, got 1\.0"),
+    ("PathNormRegularization-every_n_steps", mlp, callback_arg(PathNormRegularization, lam=0.1, every_n_steps=1.0), ValueError, r"`every_n_steps` must be None or an int >= 1, got 1\.0"),
     ("PathNormRegularization-log_every_n_steps", mlp, callback_arg(PathNormRegularization, lam=0.1, log_every_n_steps=True), ValueError, r"`log_every_n_steps` must be None or an int >= 1, got True"),
     ("PathNormRegularization-on_nonfinite", mlp, callback_arg(PathNormRegularization, lam=0.1, on_nonfinite="ignore"), ValueError, r"`on_nonfinite` must be one of \('raise', 'skip'\).*got 'ignore'"),
     ("PathNormRegularization-example_input", mlp, callback_arg(PathNormRegularization, lam=0.1, example_input=[X]), TypeError, r"`example_input` must be None, a tensor or a tuple.*got list"),

@@ -161,9 +161,16 @@ def test_example_input_array_discovers_at_setup():
     assert cb.groups.names == ["net.0", "net.2"]
 
 
+def test_every_n_steps_default_is_every_step_for_the_prox_and_8_for_the_gradient_modes():
+    assert inspect.signature(PathNormRegularization).parameters["every_n_steps"].default is None
+    assert PathNormRegularization(lam=0.1).every_n_steps == 1
+    assert PathNormRegularization(lam=0.1, mode="penalty").every_n_steps == 8
+    assert PathNormRegularization(lam=0.1, mode="weight_decay").every_n_steps == 8
+    assert PathNormRegularization(lam=0.1, mode="weight_decay", every_n_steps=2).every_n_steps == 2
+
+
 @pytest.mark.parametrize("every", [4, 8])
 def test_every_n_steps_matches_k_times_strength(every):
-    assert inspect.signature(PathNormRegularization).parameters["every_n_steps"].default == 8
     torch.manual_seed(0)
     module = PlainSGD(lr=0.05)
     lazy = copy.deepcopy(module)
@@ -218,7 +225,8 @@ def test_lazy_updates_also_close_every_epoch_and_the_fit(monkeypatch):
     trainer(callbacks=[cb, probe], max_steps=10).fit(module, module.train_dataloader(), val)
     assert calls == pytest.approx([0.3, 0.1, 0.3, 0.1, 0.2])
     assert sum(calls) == pytest.approx(0.1 * 10)  # the strength of every step, none lost, none twice
-    assert probe.seen and all(since == 0 for since in probe.seen)
+    assert probe.seen
+    assert all(since == 0 for since in probe.seen)
 
 
 class StopsAt(MLPModule):
@@ -238,7 +246,8 @@ def test_a_fit_stopped_between_lazy_updates_gets_its_pending_prox(monkeypatch):
     trainer(callbacks=[cb], max_steps=100).fit(module)
     # step 4 closes epoch 1 (4 steps owed), steps 5 and 6 are owed when should_stop ends the fit: on_train_end
     assert calls == pytest.approx([4 * 0.1 * 0.05, 2 * 0.1 * 0.05])
-    assert cb._since == 0 and cb._steps == 6
+    assert cb._since == 0
+    assert cb._steps == 6
 
 
 @pytest.mark.parametrize(
@@ -249,7 +258,7 @@ def test_a_fit_stopped_between_lazy_updates_gets_its_pending_prox(monkeypatch):
         ({"lam": "big"}, r"`lam` must be a finite float >= 0.*'big'"),
         ({"lam": 0.1, "q": 3}, r"`q` must be 1 or 2.*got 3"),
         ({"lam": 0.1, "mode": "l1"}, r"`mode` must be one of \('prox', 'penalty', 'weight_decay'\), got 'l1'"),
-        ({"lam": 0.1, "every_n_steps": 0}, r"`every_n_steps` must be an int >= 1, got 0"),
+        ({"lam": 0.1, "every_n_steps": 0}, r"`every_n_steps` must be None or an int >= 1, got 0"),
         ({"lam": 0.1, "targets": 5}, r"`targets` must be None, a regex string or a list of module names, got 5"),
         ({"lam": 0.1, "targets": "("}, r"`targets`='\(' is not a valid regular expression"),
     ],
