@@ -57,6 +57,22 @@ class MLPModule(pl.LightningModule):
         return DataLoader(ds, batch_size=self.hparams.batch_size)
 
 
+class ManualMLP(MLPModule):
+    """``MLPModule`` with manual optimization (``automatic_optimization = False``)."""
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.automatic_optimization = False
+
+    def training_step(self, batch, batch_idx):
+        opt = self.optimizers()
+        opt.zero_grad()
+        loss = super().training_step(batch, batch_idx)
+        self.manual_backward(loss)
+        opt.step()
+        return loss
+
+
 def trainer(**kwargs) -> pl.Trainer:
     defaults = {
         "accelerator": "cpu",

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 import pytorch_lightning as pl
 import torch
-from helpers import MLPModule, trainer
+from helpers import ManualMLP, MLPModule, trainer
 from torch import nn
 
 import lightning_bv as lbv
@@ -261,12 +261,6 @@ def test_bad_input_raises_and_changes_nothing(make, call, error, match):
 
 
 # ---- callbacks at setup: targets that match nothing, unsupported layers and strategies -------------------------
-class Manual(MLPModule):
-    def __init__(self) -> None:
-        super().__init__()
-        self.automatic_optimization = False
-
-
 def fake_trainer(strategy: Any) -> Any:
     return types.SimpleNamespace(strategy=strategy, world_size=1, callbacks=[], optimizers=[])
 
@@ -305,7 +299,7 @@ SETUP_ROWS = [
     ("SkipConnections-identity-shape", MLPModule, single, SkipConnections(targets=["net.2", "net.0"], kind="identity"), ValueError, r"needs 'net\.0' to keep its input shape, but it maps 4 to 16 features"),
     ("PathNormRegularization-targets-nothing", MLPModule, single, PathNormRegularization(lam=0.1, targets=["nope"], example_input=X4), lbv.TargetsMatchNothingError, MATCH_NOTHING),
     ("PathNormRegularization-fsdp", MLPModule, fsdp, PathNormRegularization(lam=0.1), ValueError, "PathNormRegularization " + SHARDED),
-    ("PathNormRegularization-manual-optimization", Manual, single, PathNormRegularization(lam=0.1), ValueError, r"does not support manual optimization \(automatic_optimization=False\).*call lightning_bv\.prox_"),
+    ("PathNormRegularization-manual-optimization", ManualMLP, single, PathNormRegularization(lam=0.1), ValueError, r"does not support manual optimization \(automatic_optimization=False\).*call lightning_bv\.prox_"),
     ("NeuronPruning-targets-nothing", MLPModule, single, NeuronPruning(targets=["nope"], example_input=X4), lbv.TargetsMatchNothingError, MATCH_NOTHING),
     ("NeuronPruning-fsdp", MLPModule, fsdp, NeuronPruning(), ValueError, "NeuronPruning " + SHARDED),
     ("NeuronPruning-mid-fit-ddp", MLPModule, ddp, NeuronPruning(every_n_epochs=1), ValueError, r"NeuronPruning\(every_n_epochs=1\) compacts during training only on a single device: under DDPStrategy"),

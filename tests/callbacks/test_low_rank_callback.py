@@ -3,7 +3,7 @@ import copy
 import pytest
 import pytorch_lightning as pl
 import torch
-from helpers import MLPModule, SaveWeights, regression_data, trainer
+from helpers import ManualMLP, MLPModule, SaveWeights, regression_data, trainer
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -125,19 +125,8 @@ def test_configure_model_is_called_first():
 
 
 def test_manual_optimization_is_fine():
-    class Manual(MLPModule):
-        def __init__(self):
-            super().__init__()
-            self.automatic_optimization = False
-
-        def training_step(self, batch, batch_idx):
-            opt = self.optimizers()
-            opt.zero_grad()
-            self.manual_backward(super().training_step(batch, batch_idx))
-            opt.step()
-
     torch.manual_seed(0)
-    module = Manual()
+    module = ManualMLP()
     trainer(callbacks=[LowRank(rank=2, exclude=["net.4"])], max_steps=2).fit(module)
     assert [lbv.is_low_rank(module.net[i]) for i in (0, 2, 4)] == [True, True, False]
 

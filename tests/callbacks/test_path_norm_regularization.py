@@ -5,7 +5,7 @@ import types
 import pytest
 import pytorch_lightning as pl
 import torch
-from helpers import MLPModule, SaveWeights, regression_data, trainer
+from helpers import ManualMLP, MLPModule, SaveWeights, regression_data, trainer
 from torch import nn
 from torch.utils.data import DataLoader
 
@@ -290,20 +290,8 @@ def test_nothing_to_regularize_warns_and_trains_on():
 
 
 def test_manual_optimization_refused():
-    class Manual(MLPModule):
-        def __init__(self):
-            super().__init__()
-            self.automatic_optimization = False
-
-        def training_step(self, batch, batch_idx):
-            opt = self.optimizers()
-            loss = super().training_step(batch, batch_idx)
-            opt.zero_grad()
-            self.manual_backward(loss)
-            opt.step()
-
     with pytest.raises(ValueError, match="does not support manual optimization"):
-        trainer(callbacks=[PathNormRegularization(lam=0.1)], max_steps=1).fit(Manual())
+        trainer(callbacks=[PathNormRegularization(lam=0.1)], max_steps=1).fit(ManualMLP())
 
 
 def test_sharded_strategy_refused():
