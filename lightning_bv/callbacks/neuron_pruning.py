@@ -40,7 +40,7 @@ class NeuronPruning(CallbackBase):
 
     Checkpoints: a checkpoint saved after a compaction holds the smaller shapes; when a fit resumes from it, the
     callback resizes the freshly built module to those shapes before Lightning loads the weights
-    (:func:`~lightning_bv.transforms.compact.resize_to_state_dict_`), so resuming needs nothing from you. It does so
+    (:func:`~lightning_bv.transforms.resize.resize_to_state_dict_`), so resuming needs nothing from you. It does so
     only for a checkpoint whose NeuronPruning state records a compaction, and only to smaller sizes: a checkpoint of
     another architecture still fails to load with the mismatching keys named. The module
     is never pickled: pickling the callback (``ddp_spawn`` does) drops :attr:`groups` and :attr:`report`.

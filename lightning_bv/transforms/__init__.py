@@ -1,12 +1,6 @@
 """Model surgery in plain PyTorch: low-rank weights, affine skip connections (and compaction)."""
 
-from lightning_bv.transforms.compact import (
-    CompactionReport,
-    GroupCompaction,
-    compact,
-    resize_to_state_dict_,
-    slice_optimizer_state_,
-)
+from lightning_bv.transforms.compact import CompactionReport, GroupCompaction, compact
 from lightning_bv.transforms.low_rank import (
     LowRankWeight,
     apply_low_rank,
@@ -17,6 +11,7 @@ from lightning_bv.transforms.low_rank import (
     low_rank_rank,
     remove_low_rank,
 )
+from lightning_bv.transforms.resize import resize_to_state_dict_, slice_optimizer_state_
 from lightning_bv.transforms.skip import AffineSkip, add_skip, affine_skip_for, is_skip, remove_skip
 
 __all__ = [

@@ -1,4 +1,4 @@
-"""Compaction: :func:`compact` cuts dead neurons out of a model; :func:`slice_optimizer_state_` follows it.
+"""Compaction: :func:`compact` cuts dead neurons out of a model.
 
 A neuron whose score ``||v_k||_2 ||w_k||_2`` is 0 contributes nothing through its regularized weights (THEORY.md
 section 4: the proximal step makes such neurons). :func:`compact` removes every neuron with score ``<= tol``: the rows
@@ -7,9 +7,9 @@ of its producer (Linear ``out_features`` / Conv ``out_channels``, the bias, the 
 flatten, its positions in a concat), and, for a low-rank layer (:func:`~lightning_bv.apply_low_rank`), the rank-1
 components (columns of ``U``, rows of ``V``). Parameters are replaced by new, smaller ``nn.Parameter`` objects (dtype,
 device and ``requires_grad`` kept); :attr:`CompactionReport.param_map` says which old Parameter became which new one
-and which entries it kept, and :func:`slice_optimizer_state_` carries an optimizer over so training goes on.
-:func:`resize_to_state_dict_` gives a freshly built model the sizes of a compacted model's ``state_dict`` so that it
-loads (resuming from a checkpoint saved after compaction).
+and which entries it kept, and :func:`~lightning_bv.transforms.resize.slice_optimizer_state_` carries an optimizer
+over so training goes on. :func:`~lightning_bv.transforms.resize.resize_to_state_dict_` gives a freshly built model
+the sizes of a compacted model's ``state_dict`` so that it loads (resuming from a checkpoint saved after compaction).
 
 With ``tol=0`` the function is unchanged. A neuron is only removed when its contribution is provably zero or charged
 by the score: a neuron whose skip-connection (unregularized) consumer weights are nonzero, or whose input weights are
@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -51,6 +51,9 @@ from torch.nn.utils import parametrize
 
 from lightning_bv.functional.rbv import group_norms
 from lightning_bv.neurons import NeuronGroup, NeuronGroups, find_neurons, low_rank_factors
+from lightning_bv.transforms.resize import _take
+from lightning_bv.transforms.resize import resize_to_state_dict_ as resize_to_state_dict_  # re-exported
+from lightning_bv.transforms.resize import slice_optimizer_state_ as slice_optimizer_state_  # re-exported
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _BN = nn.modules.batchnorm._BatchNorm
@@ -109,7 +112,7 @@ class CompactionReport:
         params_before: number of parameter entries of the whole model before.
         params_after: the same after.
         param_map: ``{old Parameter: (new Parameter, kept indices per dim)}`` for every replaced Parameter; an index
-            of None keeps the whole dim. Pass it to :func:`slice_optimizer_state_`.
+            of None keeps the whole dim. Pass it to :func:`~lightning_bv.transforms.resize.slice_optimizer_state_`.
         neuron_groups: the groups compaction used, updated to the new sizes (usable right away).
     """
 
@@ -189,7 +192,7 @@ def compact(
 
     The ``groups`` passed in are updated to the new sizes; other groups of this model found earlier are stale:
     update them with :meth:`CompactionReport.update_groups_` (or find them again). Build the optimizer after this
-    call, or carry it over with :func:`slice_optimizer_state_` and ``report.param_map``.
+    call, or carry it over with :func:`~lightning_bv.transforms.resize.slice_optimizer_state_` and ``report.param_map``.
 
     Args:
         model: the model (not wrapped in ``DistributedDataParallel``: compact ``ddp.module`` before wrapping).
@@ -240,144 +243,6 @@ def compact(
     report.update_groups_(glist)
     report.neuron_groups = groups if isinstance(groups, NeuronGroups) else NeuronGroups(glist)
     return report
-
-
-@torch.no_grad()
-def slice_optimizer_state_(optimizer: torch.optim.Optimizer, param_map: Mapping[Tensor, Any]) -> int:
-    """Carry an optimizer over a compaction: swap the replaced Parameters and slice their state, in place.
-
-    For each old Parameter in ``optimizer.param_groups`` found in ``param_map`` (``CompactionReport.param_map``), the
-    new Parameter takes its place, and every state tensor shaped like the old Parameter (SGD ``momentum_buffer``,
-    Adam ``exp_avg``, ``exp_avg_sq``, ``max_exp_avg_sq``...) is sliced to the kept entries; other state (``step``)
-    is kept. Training then goes on as if the removed neurons had never existed.
-
-    Returns:
-        The number of Parameters swapped.
-
-    Example:
-        >>> import torch
-        >>> from torch import nn
-        >>> net = nn.Sequential(nn.Linear(2, 4), nn.ReLU(), nn.Linear(4, 1))
-        >>> opt = torch.optim.Adam(net.parameters())
-        >>> net(torch.randn(3, 2)).sum().backward()
-        >>> opt.step()
-        >>> with torch.no_grad():
-        ...     _ = net[2].weight[:, 0].zero_()
-        >>> report = compact(net, example_input=torch.randn(1, 2))
-        >>> slice_optimizer_state_(opt, report.param_map)  # 0.weight, 0.bias, 2.weight
-        3
-        >>> opt.state[net[0].weight]["exp_avg"].shape
-        torch.Size([3, 2])
-
-    """
-    swapped = 0
-    for group in optimizer.param_groups:
-        params = group["params"]
-        for i, p in enumerate(params):
-            entry = param_map.get(p)
-            if entry is None:
-                continue
-            new, keep = entry
-            params[i] = new  # in place: LBFGS keeps this very list as its `_params`
-            state = optimizer.state.pop(p, None)
-            if state is not None:
-                optimizer.state[new] = {k: _slice_like(v, p, keep) for k, v in state.items()}
-            swapped += 1
-    return swapped
-
-
-@torch.no_grad()
-def resize_to_state_dict_(model: nn.Module, state_dict: Mapping[str, Any], prefix: str = "") -> list[str]:
-    """Give the layers of ``model`` the sizes their entries have in ``state_dict`` (a compacted model's), in place.
-
-    So that the ``state_dict`` of a compacted model loads into a freshly built model of the original sizes: every
-    Linear, Conv, BatchNorm, PReLU and low-rank layer whose saved tensors are smaller gets new, uninitialized
-    Parameters and buffers of the saved sizes and updated size attributes; ``model.load_state_dict(state_dict)`` then
-    fills them. Layers whose entries are missing or already match are left alone, and so are layers whose saved
-    features or channels are *larger* (compaction only shrinks; the saved rank of a low-rank layer may be either):
-    that is a checkpoint of another architecture, and ``load_state_dict`` reports the mismatching keys. Build the
-    optimizer afterwards.
-
-    Args:
-        model: the freshly built model.
-        state_dict: the saved state.
-        prefix: the prefix of ``model``'s keys in ``state_dict``.
-
-    Returns:
-        The names of the resized layers.
-
-    Example:
-        >>> import torch
-        >>> from torch import nn
-        >>> small = nn.Sequential(nn.Linear(3, 2), nn.ReLU(), nn.Linear(2, 1))
-        >>> fresh = nn.Sequential(nn.Linear(3, 8), nn.ReLU(), nn.Linear(8, 1))
-        >>> resize_to_state_dict_(fresh, small.state_dict())
-        ['0', '2']
-        >>> fresh.load_state_dict(small.state_dict())
-        <All keys matched successfully>
-
-    """
-    resized = []
-    for name, m in model.named_modules():
-        base = prefix + (f"{name}." if name else "")
-        saved = {k[len(base) :]: v for k, v in state_dict.items() if k.startswith(base) and isinstance(v, Tensor)}
-        if _resize_module(m, saved):
-            resized.append(name)
-    return resized
-
-
-def _resize_module(m: Any, saved: dict[str, Tensor]) -> bool:
-    def fresh(old: Any, shape: tuple[int, ...]) -> Any:
-        new = old.new_empty(shape)
-        return nn.Parameter(new, requires_grad=old.requires_grad) if isinstance(old, nn.Parameter) else new
-
-    if isinstance(m, nn.PReLU):
-        w = saved.get("weight")
-        if w is None or w.shape == m.weight.shape or w.dim() != 1 or w.shape[0] > m.weight.shape[0]:
-            return False
-        m.weight, m.num_parameters = fresh(m.weight, tuple(w.shape)), int(w.shape[0])
-        return True
-    if isinstance(m, _BN):
-        w = next((saved[k] for k in ("weight", "running_mean") if k in saved), None)
-        if w is None or w.dim() != 1 or w.shape[0] >= m.num_features:
-            return False
-        for attr in ("weight", "bias", "running_mean", "running_var"):
-            if getattr(m, attr) is not None:
-                setattr(m, attr, fresh(getattr(m, attr), (int(w.shape[0]),)))
-        m.num_features = int(w.shape[0])
-        return True
-    if not isinstance(m, (nn.Linear, *_CONVS)) or getattr(m, "groups", 1) != 1:
-        return False
-    kernel = tuple(m.weight.shape[2:])
-    old_out, old_in = int(m.weight.shape[0]), int(m.weight.shape[1])
-    factors = low_rank_factors(m)
-    if factors is None:
-        w = saved.get("weight")
-        if w is None or w.shape == m.weight.shape or w.dim() < 2 or tuple(w.shape[2:]) != kernel:
-            return False
-        out, inp = int(w.shape[0]), int(w.shape[1])
-        if out > old_out or inp > old_in:
-            return False
-        m.weight = fresh(m.weight, tuple(w.shape))
-    else:
-        u, v = saved.get(_U), saved.get(_V)
-        if u is None or v is None or (u.shape, v.shape) == (factors[0].shape, factors[1].shape):
-            return False
-        if u.dim() != 2 or v.dim() != 2 or u.shape[1] != v.shape[0] or v.shape[1] % max(math.prod(kernel), 1):
-            return False
-        out, inp = int(u.shape[0]), int(v.shape[1]) // max(math.prod(kernel), 1)
-        if out > old_out or inp > old_in:
-            return False
-        plist: Any = cast(Any, m).parametrizations["weight"]
-        plist.original0, plist.original1 = fresh(factors[0], tuple(u.shape)), fresh(factors[1], tuple(v.shape))
-        lrw = next(p for p in plist if getattr(p, "lbv_low_rank", False))
-        lrw.weight_shape, lrw.rank = (out, inp, *kernel), int(u.shape[1])
-    if m.bias is not None:
-        m.bias = fresh(m.bias, (out,))
-    linear = isinstance(m, nn.Linear)
-    setattr(m, "out_features" if linear else "out_channels", out)
-    setattr(m, "in_features" if linear else "in_channels", inp)
-    return True
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -706,19 +571,6 @@ def _module_plan(c: _Change, param_map: ParamMap) -> list[tuple[nn.Module, str, 
         if rank is not None:
             plan.append((lrw, "rank", int(rank.numel())))
     return plan
-
-
-def _take(t: Tensor, keep: tuple[Tensor | None, ...]) -> Tensor:
-    for dim, idx in enumerate(keep):
-        if idx is not None:
-            t = t.index_select(dim, idx.to(t.device))
-    return t.contiguous()
-
-
-def _slice_like(value: Any, old: Tensor, keep: tuple[Tensor | None, ...]) -> Any:
-    if isinstance(value, Tensor) and value.dim() > 0 and value.shape == old.shape:
-        return _take(value, keep)
-    return value
 
 
 # ------------------------------------------------------------------------------------------------------------

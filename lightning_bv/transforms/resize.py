@@ -1,0 +1,178 @@
+"""Resizing to compacted shapes: :func:`slice_optimizer_state_` and :func:`resize_to_state_dict_`.
+
+After :func:`~lightning_bv.transforms.compact.compact`, :func:`slice_optimizer_state_` carries an optimizer over to the
+new, smaller Parameters (its state sliced to the kept entries), and :func:`resize_to_state_dict_` gives a freshly built
+model the sizes of a compacted model's ``state_dict`` so that it loads. :class:`~lightning_bv.callbacks.NeuronPruning`
+uses them to slice optimizer state after each compaction and to resize the model before loading a compacted checkpoint.
+
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any, cast
+
+import torch
+from torch import Tensor, nn
+
+from lightning_bv.neurons import low_rank_factors
+
+_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_BN = nn.modules.batchnorm._BatchNorm
+_U, _V = "parametrizations.weight.original0", "parametrizations.weight.original1"
+
+
+@torch.no_grad()
+def slice_optimizer_state_(optimizer: torch.optim.Optimizer, param_map: Mapping[Tensor, Any]) -> int:
+    """Carry an optimizer over a compaction: swap the replaced Parameters and slice their state, in place.
+
+    For each old Parameter in ``optimizer.param_groups`` found in ``param_map`` (``CompactionReport.param_map``), the
+    new Parameter takes its place, and every state tensor shaped like the old Parameter (SGD ``momentum_buffer``,
+    Adam ``exp_avg``, ``exp_avg_sq``, ``max_exp_avg_sq``...) is sliced to the kept entries; other state (``step``)
+    is kept. Training then goes on as if the removed neurons had never existed.
+
+    Returns:
+        The number of Parameters swapped.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> from lightning_bv.transforms.compact import compact
+        >>> net = nn.Sequential(nn.Linear(2, 4), nn.ReLU(), nn.Linear(4, 1))
+        >>> opt = torch.optim.Adam(net.parameters())
+        >>> net(torch.randn(3, 2)).sum().backward()
+        >>> opt.step()
+        >>> with torch.no_grad():
+        ...     _ = net[2].weight[:, 0].zero_()
+        >>> report = compact(net, example_input=torch.randn(1, 2))
+        >>> slice_optimizer_state_(opt, report.param_map)  # 0.weight, 0.bias, 2.weight
+        3
+        >>> opt.state[net[0].weight]["exp_avg"].shape
+        torch.Size([3, 2])
+
+    """
+    swapped = 0
+    for group in optimizer.param_groups:
+        params = group["params"]
+        for i, p in enumerate(params):
+            entry = param_map.get(p)
+            if entry is None:
+                continue
+            new, keep = entry
+            params[i] = new  # in place: LBFGS keeps this very list as its `_params`
+            state = optimizer.state.pop(p, None)
+            if state is not None:
+                optimizer.state[new] = {k: _slice_like(v, p, keep) for k, v in state.items()}
+            swapped += 1
+    return swapped
+
+
+@torch.no_grad()
+def resize_to_state_dict_(model: nn.Module, state_dict: Mapping[str, Any], prefix: str = "") -> list[str]:
+    """Give the layers of ``model`` the sizes their entries have in ``state_dict`` (a compacted model's), in place.
+
+    So that the ``state_dict`` of a compacted model loads into a freshly built model of the original sizes: every
+    Linear, Conv, BatchNorm, PReLU and low-rank layer whose saved tensors are smaller gets new, uninitialized
+    Parameters and buffers of the saved sizes and updated size attributes; ``model.load_state_dict(state_dict)`` then
+    fills them. Layers whose entries are missing or already match are left alone, and so are layers whose saved
+    features or channels are *larger* (compaction only shrinks; the saved rank of a low-rank layer may be either):
+    that is a checkpoint of another architecture, and ``load_state_dict`` reports the mismatching keys. Build the
+    optimizer afterwards.
+
+    Args:
+        model: the freshly built model.
+        state_dict: the saved state.
+        prefix: the prefix of ``model``'s keys in ``state_dict``.
+
+    Returns:
+        The names of the resized layers.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> small = nn.Sequential(nn.Linear(3, 2), nn.ReLU(), nn.Linear(2, 1))
+        >>> fresh = nn.Sequential(nn.Linear(3, 8), nn.ReLU(), nn.Linear(8, 1))
+        >>> resize_to_state_dict_(fresh, small.state_dict())
+        ['0', '2']
+        >>> fresh.load_state_dict(small.state_dict())
+        <All keys matched successfully>
+
+    """
+    resized = []
+    for name, m in model.named_modules():
+        base = prefix + (f"{name}." if name else "")
+        saved = {k[len(base) :]: v for k, v in state_dict.items() if k.startswith(base) and isinstance(v, Tensor)}
+        if _resize_module(m, saved):
+            resized.append(name)
+    return resized
+
+
+def _resize_module(m: Any, saved: dict[str, Tensor]) -> bool:
+    def fresh(old: Any, shape: tuple[int, ...]) -> Any:
+        new = old.new_empty(shape)
+        return nn.Parameter(new, requires_grad=old.requires_grad) if isinstance(old, nn.Parameter) else new
+
+    if isinstance(m, nn.PReLU):
+        w = saved.get("weight")
+        if w is None or w.shape == m.weight.shape or w.dim() != 1 or w.shape[0] > m.weight.shape[0]:
+            return False
+        m.weight, m.num_parameters = fresh(m.weight, tuple(w.shape)), int(w.shape[0])
+        return True
+    if isinstance(m, _BN):
+        w = next((saved[k] for k in ("weight", "running_mean") if k in saved), None)
+        if w is None or w.dim() != 1 or w.shape[0] >= m.num_features:
+            return False
+        for attr in ("weight", "bias", "running_mean", "running_var"):
+            if getattr(m, attr) is not None:
+                setattr(m, attr, fresh(getattr(m, attr), (int(w.shape[0]),)))
+        m.num_features = int(w.shape[0])
+        return True
+    if not isinstance(m, (nn.Linear, *_CONVS)) or getattr(m, "groups", 1) != 1:
+        return False
+    kernel = tuple(m.weight.shape[2:])
+    old_out, old_in = int(m.weight.shape[0]), int(m.weight.shape[1])
+    factors = low_rank_factors(m)
+    if factors is None:
+        w = saved.get("weight")
+        if w is None or w.shape == m.weight.shape or w.dim() < 2 or tuple(w.shape[2:]) != kernel:
+            return False
+        out, inp = int(w.shape[0]), int(w.shape[1])
+        if out > old_out or inp > old_in:
+            return False
+        m.weight = fresh(m.weight, tuple(w.shape))
+    else:
+        u, v = saved.get(_U), saved.get(_V)
+        if u is None or v is None or (u.shape, v.shape) == (factors[0].shape, factors[1].shape):
+            return False
+        if u.dim() != 2 or v.dim() != 2 or u.shape[1] != v.shape[0] or v.shape[1] % max(math.prod(kernel), 1):
+            return False
+        out, inp = int(u.shape[0]), int(v.shape[1]) // max(math.prod(kernel), 1)
+        if out > old_out or inp > old_in:
+            return False
+        plist: Any = cast(Any, m).parametrizations["weight"]
+        plist.original0, plist.original1 = fresh(factors[0], tuple(u.shape)), fresh(factors[1], tuple(v.shape))
+        lrw = next(p for p in plist if getattr(p, "lbv_low_rank", False))
+        lrw.weight_shape, lrw.rank = (out, inp, *kernel), int(u.shape[1])
+    if m.bias is not None:
+        m.bias = fresh(m.bias, (out,))
+    linear = isinstance(m, nn.Linear)
+    setattr(m, "out_features" if linear else "out_channels", out)
+    setattr(m, "in_features" if linear else "in_channels", inp)
+    return True
+
+
+# ------------------------------------------------------------------------------------------------------------
+# slicing
+# ------------------------------------------------------------------------------------------------------------
+def _take(t: Tensor, keep: tuple[Tensor | None, ...]) -> Tensor:
+    for dim, idx in enumerate(keep):
+        if idx is not None:
+            t = t.index_select(dim, idx.to(t.device))
+    return t.contiguous()
+
+
+def _slice_like(value: Any, old: Tensor, keep: tuple[Tensor | None, ...]) -> Any:
+    if isinstance(value, Tensor) and value.dim() > 0 and value.shape == old.shape:
+        return _take(value, keep)
+    return value
