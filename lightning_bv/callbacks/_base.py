@@ -29,6 +29,15 @@ def _check_example_input(example_input: object) -> None:
         )
 
 
+def _check_interval(name: str, value: Any, allow_none: bool = False) -> Any:
+    """A number of steps: an int >= 1 (or None with ``allow_none``); returns it."""
+    if allow_none and value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"`{name}` must be {'None or ' if allow_none else ''}an int >= 1, got {value!r}")
+    return value
+
+
 _SHARDED = ("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy", "XLAFSDPStrategy")
 
 

@@ -10,7 +10,7 @@ from pytorch_lightning.utilities import rank_zero_warn
 from torch import Tensor, nn
 from typing_extensions import override
 
-from lightning_bv.callbacks._base import CallbackBase, refuse_sharded
+from lightning_bv.callbacks._base import CallbackBase, _check_interval, refuse_sharded
 from lightning_bv.callbacks._discovery import GroupDiscovery, is_own_forward
 from lightning_bv.functional.path_norm import path_norm
 from lightning_bv.functional.rbv import neuron_scores
@@ -19,12 +19,6 @@ from lightning_bv.neurons import NeuronGroups, low_rank_factors
 from lightning_bv.transforms.low_rank import low_rank_live_components
 
 _LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
-
-
-def _int_at_least_1(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"`{name}` must be an int >= 1, got {value!r}")
-    return value
 
 
 def _wandb_loggers(trainer: pl.Trainer) -> list[Any]:
@@ -89,8 +83,8 @@ class BVMonitor(CallbackBase):
         spectra_every_n_steps: int = 1000,
         q: int = 2,
     ) -> None:
-        self.every_n_steps = _int_at_least_1("every_n_steps", every_n_steps)
-        self.spectra_every_n_steps = _int_at_least_1("spectra_every_n_steps", spectra_every_n_steps)
+        self.every_n_steps = _check_interval("every_n_steps", every_n_steps)
+        self.spectra_every_n_steps = _check_interval("spectra_every_n_steps", spectra_every_n_steps)
         for name, flag in (("histograms", histograms), ("plots", plots)):
             if not isinstance(flag, bool):
                 raise ValueError(f"`{name}` must be a bool, got {flag!r}")

@@ -13,7 +13,13 @@ from torch import Tensor
 from typing_extensions import override
 
 from lightning_bv._select import Targets, _check_targets
-from lightning_bv.callbacks._base import CallbackBase, _check_example_input, is_parallel, refuse_sharded
+from lightning_bv.callbacks._base import (
+    CallbackBase,
+    _check_example_input,
+    _check_interval,
+    is_parallel,
+    refuse_sharded,
+)
 from lightning_bv.callbacks._discovery import GroupDiscovery
 from lightning_bv.neurons import NeuronGroup, NeuronGroups, find_neurons
 from lightning_bv.transforms.compact import CompactionReport, compact, resize_to_state_dict_, slice_optimizer_state_
@@ -73,10 +79,7 @@ class NeuronPruning(CallbackBase):
     ) -> None:
         if isinstance(tol, bool) or not isinstance(tol, numbers.Real) or not math.isfinite(tol) or tol < 0:
             raise ValueError(f"`tol` must be a finite float >= 0 (neurons with score <= tol are removed), got {tol!r}")
-        if every_n_epochs is not None and (
-            isinstance(every_n_epochs, bool) or not isinstance(every_n_epochs, int) or every_n_epochs < 1
-        ):
-            raise ValueError(f"`every_n_epochs` must be None or an int >= 1, got {every_n_epochs!r}")
+        _check_interval("every_n_epochs", every_n_epochs, allow_none=True)
         if not isinstance(on_fit_end, bool):
             raise ValueError(f"`on_fit_end` must be a bool, got {on_fit_end!r}")
         if every_n_epochs is None and not on_fit_end:

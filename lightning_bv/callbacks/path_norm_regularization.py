@@ -14,7 +14,7 @@ from torch import Tensor
 from typing_extensions import override
 
 from lightning_bv._select import Targets, _check_targets
-from lightning_bv.callbacks._base import CallbackBase, _check_example_input, refuse_unsupported
+from lightning_bv.callbacks._base import CallbackBase, _check_example_input, _check_interval, refuse_unsupported
 from lightning_bv.callbacks._discovery import GroupDiscovery
 from lightning_bv.functional.rbv import (
     NonFiniteWeightsError,
@@ -108,14 +108,8 @@ class PathNormRegularization(CallbackBase):
             raise ValueError(f"`q` must be 1 or 2 (the norm on each neuron's output weights), got {q!r}")
         if mode not in MODES:
             raise ValueError(f"`mode` must be one of {MODES}, got {mode!r}")
-        if every_n_steps is not None and (
-            isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int) or every_n_steps < 1
-        ):
-            raise ValueError(f"`every_n_steps` must be None or an int >= 1, got {every_n_steps!r}")
-        if log_every_n_steps is not None and (
-            isinstance(log_every_n_steps, bool) or not isinstance(log_every_n_steps, int) or log_every_n_steps < 1
-        ):
-            raise ValueError(f"`log_every_n_steps` must be None or an int >= 1, got {log_every_n_steps!r}")
+        _check_interval("every_n_steps", every_n_steps, allow_none=True)
+        _check_interval("log_every_n_steps", log_every_n_steps, allow_none=True)
         if on_nonfinite not in ON_NONFINITE:
             raise ValueError(
                 f"`on_nonfinite` must be one of {ON_NONFINITE} (stop, or skip the update of a group whose weights are "
