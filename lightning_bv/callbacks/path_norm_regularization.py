@@ -132,7 +132,7 @@ class PathNormRegularization(CallbackBase):
         self._discovery = GroupDiscovery(targets, exclude)
         self._steps = 0  # optimizer steps seen; saved in checkpoints
         self._since = 0  # optimizer steps since the last update (the strength it owes); saved in checkpoints
-        self._pending_lr: dict[str, float] | None = None
+        self._pending_taus: dict[str, float] | None = None
 
     @property
     @override
@@ -192,9 +192,22 @@ class PathNormRegularization(CallbackBase):
         last = trainer.max_steps is not None and 0 <= trainer.max_steps <= trainer.global_step + 1
         return self._since >= self.every_n_steps or bool(trainer.is_last_batch) or last
 
-    @staticmethod
-    def _lr_of(optimizer: Any) -> dict[int, float]:
-        return {id(p): float(g["lr"]) for g in optimizer.param_groups for p in g["params"]}
+    def _owed_lam(self, trainer: pl.Trainer) -> float:
+        """The strength of the steps since the last update (``lam`` times their number); they are then paid."""
+        lam = self.current_lam(trainer.global_step) * self._since
+        self._since = 0
+        return lam
+
+    def _taus(self, lam: float, optimizers: list[Any]) -> dict[str, float]:
+        """Prox thresholds ``lam * lr``, with the lr of the parameter group holding each group's output weights."""
+        assert self.groups is not None
+        lrs = {id(p): float(g["lr"]) for opt in optimizers for g in opt.param_groups for p in g["params"]}
+        return {g.name: lam * lrs.get(id(self._lr_param(g)), 0.0) for g in self.groups}
+
+    def _prox(self, trainer: pl.Trainer, taus: dict[str, float]) -> None:
+        assert self.groups is not None
+        with self._nonfinite(trainer) as skipped:
+            skipped += prox_(self.groups, taus, self.q, on_nonfinite=self.on_nonfinite)
 
     @override
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
@@ -203,8 +216,7 @@ class PathNormRegularization(CallbackBase):
         self._since += 1
         if not self.groups or not self._due(trainer):
             return
-        lam = self.current_lam(trainer.global_step) * self._since
-        self._since = 0
+        lam = self._owed_lam(trainer)
         if self.mode == "penalty":
             with self._nonfinite(trainer) as skipped:
                 skipped += add_rbv_grad_(self.groups, lam, self.q, on_nonfinite=self.on_nonfinite)
@@ -212,8 +224,7 @@ class PathNormRegularization(CallbackBase):
             with self._nonfinite(trainer) as skipped:
                 skipped += add_weight_decay_grad_(self.groups, lam, on_nonfinite=self.on_nonfinite)
         else:  # the lr used by this step (schedulers step before on_train_batch_end)
-            lrs = self._lr_of(optimizer)
-            self._pending_lr = {g.name: lam * lrs.get(id(self._lr_param(g)), 0.0) for g in self.groups}
+            self._pending_taus = self._taus(lam, [optimizer])
 
     @staticmethod
     def _lr_param(group: NeuronGroup) -> Tensor:
@@ -225,10 +236,9 @@ class PathNormRegularization(CallbackBase):
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        if self._pending_lr is not None and self.groups:
-            taus, self._pending_lr = self._pending_lr, None
-            with self._nonfinite(trainer) as skipped:
-                skipped += prox_(self.groups, taus, self.q, on_nonfinite=self.on_nonfinite)
+        if self._pending_taus is not None and self.groups:
+            taus, self._pending_taus = self._pending_taus, None
+            self._prox(trainer, taus)
         every = self.log_every_n_steps or getattr(trainer, "log_every_n_steps", 50)
         if self.groups is not None and every and trainer.global_step % every == 0:
             self._log(pl_module)
@@ -258,14 +268,7 @@ class PathNormRegularization(CallbackBase):
         """A fit that stopped between lazy updates (``max_time``, ``should_stop``) gets its pending prox."""
         if self.mode != "prox" or not self.groups or self._since == 0 or not trainer.optimizers:
             return
-        lam = self.current_lam(trainer.global_step) * self._since
-        self._since = 0
-        lrs: dict[int, float] = {}
-        for optimizer in trainer.optimizers:
-            lrs.update(self._lr_of(optimizer))
-        taus = {g.name: lam * lrs.get(id(self._lr_param(g)), 0.0) for g in self.groups}
-        with self._nonfinite(trainer) as skipped:
-            skipped += prox_(self.groups, taus, self.q, on_nonfinite=self.on_nonfinite)
+        self._prox(trainer, self._taus(self._owed_lam(trainer), trainer.optimizers))
 
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
