@@ -356,16 +356,16 @@ def prox_(
             # the factors well conditioned (normalizing them instead diverged under SGD, even at tau = 0)
             live = (w > 0) & (v > 0)
             a = torch.where(live, (v / torch.where(live, w, scale)).sqrt(), scale)
-            new_w = w * a
+            new_w, new_v = w * a, v / a
         elif g.name not in shared:
             live = w > 0
             a = torch.where(live, 1.0 / torch.where(live, w, scale), scale)
-            new_w = torch.where(live, scale, w)
+            # ||v_k|| ||w_k||, computed as the score is, so a neuron with score == tau dies exactly
+            new_w, new_v = torch.where(live, scale, w), torch.where(live, v * w, v)
         if a is not None:
             _rescale_(g, a)
-            w = new_w
-            # ||v_k|| / a_k without reading v again, unless a tensor holds both sides of the group: measure then
-            v = group_norms(g, q)[1] if _feeds_itself(g) else v / a
+            # the new norms without reading the weights again, unless a tensor holds both sides of the group
+            w, v = new_w, group_norms(g, q)[1] if _feeds_itself(g) else new_v
         reg = [s for s in g.v_slots if s.regularized]
         thr = t * w
         if q == 2:
