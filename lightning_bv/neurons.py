@@ -258,6 +258,18 @@ class NeuronGroup:
         """All slots: w, bias, v."""
         return self.w_slots + self.b_slots + self.v_slots
 
+    @torch.no_grad()
+    def silent_without_input(self) -> Tensor:
+        """Per neuron (bool, on the CPU): ``s(b_k) == 0``, so its output is exactly 0 when ``w_k = 0``.
+
+        ``b_k`` is the sum of its bias entries (0 without any). With BatchNorm, ``w_k`` is the BatchNorm weight and
+        ``b_k`` its bias, so ``w_k = 0`` leaves exactly ``b_k`` before the activation, in training and in eval.
+        """
+        bias = torch.zeros(self.num_neurons, dtype=torch.float64)
+        for s in self.b_slots:
+            bias += s.tensor().detach().double().cpu().reshape(self.num_neurons)
+        return bias <= 0 if self.activation == "relu" else bias == 0
+
     def parameters(self) -> list[Tensor]:
         """The distinct leaf parameters this group reads or writes."""
         seen: dict[int, Tensor] = {}

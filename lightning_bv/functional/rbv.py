@@ -247,14 +247,9 @@ def _zero_dead_sides_(g: NeuronGroup, w: Tensor, v: Tensor) -> None:
     if bool(((w > 0) & (v > 0)).all()):
         return
     read = sum(s.reduce(s.tensor(), "sq") for s in g.v_slots) > 0  # skips read the neuron too
+    fed = sum(s.reduce(s.tensor(), "sq") for s in g.w_slots) > 0  # and skip producers feed it
     unread = (w > 0) & ~read
-    mute = torch.zeros_like(unread)
-    if all(n is None for n in g.norms):  # with BatchNorm the pre-activation of w_k = 0 is not just the bias
-        bias = torch.zeros_like(w)
-        for s in g.b_slots:  # a producer without bias adds nothing: b_k = 0
-            bias = bias + s.tensor().detach().reshape(-1).to(bias.dtype)
-        silent = (bias <= 0) if g.activation == "relu" else (bias == 0)  # s(b_k) == 0
-        mute = (w == 0) & (v > 0) & silent
+    mute = ~fed & (v > 0) & g.silent_without_input().to(w.device)
     if bool(unread.any()):
         keep = (~unread).to(w.dtype)
         for s in g.w_slots + g.b_slots:

@@ -398,11 +398,7 @@ def _decide(g: NeuronGroup, tol: float) -> tuple[Tensor, GroupCompaction]:
 
     skip_read = per_neuron(s for s in g.v_slots if not s.regularized) > 0
     w_any = per_neuron(g.w_slots) > 0
-    bias = torch.zeros(k, dtype=torch.float64)
-    for s in g.b_slots:
-        bias += s.tensor().detach().double().cpu().reshape(k)
-    silent = bias <= 0 if g.activation == "relu" else bias == 0  # s(b) == 0
-    zero_out = ~w_any & silent  # the activation is exactly 0: nothing it feeds can notice it is gone
+    zero_out = ~w_any & g.silent_without_input()  # the activation is exactly 0: nothing it feeds can notice it is gone
     remove = cand & (zero_out | (~skip_read & ((v == 0) | ((w > 0) & (v > 0)))))
     reasons = []
     n_skip = int((cand & ~remove & skip_read).sum())

@@ -8,6 +8,7 @@ from torch import nn
 
 from lightning_bv import (
     add_rbv_grad_,
+    add_skip,
     add_weight_decay_grad_,
     balance_,
     find_neurons,
@@ -316,3 +317,26 @@ def test_balance_zeroes_the_other_side_of_dead_neurons():
     torch.testing.assert_close(w[live], v[live])
     r = rbv_norm(groups).item()
     assert neuron_weight_decay(groups).item() - 0.5 * v[2].item() ** 2 == pytest.approx(r, rel=1e-12)
+
+
+def test_balance_zeroes_output_weights_only_of_neurons_that_output_zero():
+    torch.manual_seed(5)
+    # BatchNorm: w_k is its weight and b_k its bias; with w_k = 0 the activation is relu(b_k)
+    bn_net = nn.Sequential(nn.Linear(3, 6, bias=False), nn.BatchNorm1d(6), nn.ReLU(), nn.Linear(6, 2)).double()
+    # an affine skip also feeds the pre-activation: a zero row of the regularized weight does not silence it
+    skip_net = nn.Sequential(nn.Linear(3, 6), nn.ReLU(), nn.Linear(6, 2)).double()
+    add_skip(skip_net, ["0"])
+    with torch.no_grad():
+        bn_net[1].weight[0], bn_net[1].bias[0] = 0.0, -0.3  # outputs 0
+        bn_net[1].weight[1], bn_net[1].bias[1] = 0.0, 0.4  # outputs the constant relu(0.4)
+        skip_net[0].module.weight[0], skip_net[0].module.bias[0] = 0.0, -5.0
+        skip_net[0].skip.weight[0] = torch.tensor([3.0, -2.0, 1.0])  # the skip's C x (zero at add_skip) reaches it
+    x = torch.randn(16, 3, dtype=torch.float64)
+    for net, zeroed, kept in ((bn_net.eval(), [0], [1]), (skip_net, [], [0])):
+        y0 = net(x)
+        groups = find_neurons(net, x[:2])
+        balance_(groups)
+        torch.testing.assert_close(net(x), y0, rtol=0, atol=1e-12)
+        _, v = group_norms(groups[0])
+        assert all(v[k] == 0 for k in zeroed)
+        assert all(v[k] > 0 for k in kept)
