@@ -31,20 +31,6 @@ def machine() -> dict[str, Any]:
     }
 
 
-class StepTimer(pl.Callback):
-    """Wall time of each training step, from on_train_batch_start to on_train_batch_end (callbacks included)."""
-
-    def __init__(self) -> None:
-        self.times: list[float] = []
-        self._t0 = 0.0
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        self._t0 = time.perf_counter()
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        self.times.append(time.perf_counter() - self._t0)
-
-
 class Alternating(pl.Callback):
     """Runs ``inner`` in every other block of ``block`` steps only, and times every step: an A/B test in one fit.
 

@@ -1,7 +1,7 @@
 """What the callbacks cost: step time with each PathNormRegularization mode and with BVMonitor, over step time without,
 on three models; and the time of ``path_norm`` over one forward pass.
 
-Models (SGD with momentum, a real Lightning Trainer, random data, ``benchmarks.overhead.fit_once`` timing):
+Models (SGD with momentum, a real Lightning Trainer, random data, ``benchmarks.overhead.alternating_fit``):
 
 * ``MLP``: 256 -> 4 x 1024 -> 10, batch 256 (``benchmarks.overhead.MLP``);
 * ``CNN``: three 3x3 conv + BatchNorm + ReLU layers (16, 32, 64 channels; max-pool after the second), global

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from benchmarks._common import Alternating, StepTimer, markdown_table, median, quiet_lightning, save
+from benchmarks._common import Alternating, markdown_table, median, quiet_lightning, save
 from lightning_bv.callbacks import PathNormRegularization
 
 
@@ -53,30 +53,6 @@ def loader(steps: int) -> DataLoader:
     return DataLoader(TensorDataset(x, y), batch_size=256)
 
 
-def fit_once(
-    callbacks: list[pl.Callback],
-    data: DataLoader,
-    steps: int,
-    module: pl.LightningModule | None = None,
-    logger: Any = False,
-) -> list[float]:
-    """Step times of one short fit of ``module`` (default: a fresh ``MLP``), after 5 warm-up steps."""
-    torch.manual_seed(0)
-    timer = StepTimer()
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        max_steps=steps,
-        logger=logger,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[*callbacks, timer],
-        log_every_n_steps=50,
-    )
-    trainer.fit(MLP() if module is None else module, data)
-    return timer.times[5:]  # warm-up and the one-off neuron discovery on step 0 are not timed
-
-
 def alternating_fit(
     callback: pl.Callback,
     data: DataLoader,
@@ -86,8 +62,19 @@ def alternating_fit(
     logger: Any = False,
 ) -> Alternating:
     """One fit of ``module`` (default: a fresh ``MLP``) with ``callback`` on in ``pairs`` blocks and off in as many."""
+    torch.manual_seed(0)
     timed = Alternating(callback, block)
-    fit_once([timed], data, block * (2 * pairs + 1), module, logger)
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        max_steps=block * (2 * pairs + 1),
+        logger=logger,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[timed],
+        log_every_n_steps=50,
+    )
+    trainer.fit(MLP() if module is None else module, data)
     return timed
 
 
