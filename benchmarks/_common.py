@@ -1,4 +1,4 @@
-"""Shared pieces of the benchmarks: the machine/version header, step timing, result files."""
+"""Shared pieces of the benchmarks: the machine/version header, a plain LightningModule, step timing, result files."""
 
 from __future__ import annotations
 
@@ -11,13 +11,16 @@ import platform
 import statistics
 import time
 import warnings
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import pytorch_lightning as pl
 import torch
+from torch import Tensor, nn
 
 RESULTS = Path(__file__).parent / "results"
+NetT = TypeVar("NetT", bound=nn.Module)
 
 
 def machine() -> dict[str, Any]:
@@ -29,6 +32,32 @@ def machine() -> dict[str, Any]:
         "pytorch_lightning": pl.__version__,
         "threads": torch.get_num_threads(),
     }
+
+
+class Supervised(pl.LightningModule, Generic[NetT]):
+    """An ordinary LightningModule around ``net`` that knows nothing about lightning_bv: ``loss(net(x), y)`` on
+    ``(x, y)`` batches, optimized by ``optimizer(parameters)`` (e.g. ``functools.partial(torch.optim.SGD, lr=0.1)``).
+    """
+
+    def __init__(
+        self,
+        net: NetT,
+        loss: Callable[[Tensor, Tensor], Tensor],
+        optimizer: Callable[[Iterator[nn.Parameter]], torch.optim.Optimizer],
+    ) -> None:
+        super().__init__()
+        self.net: NetT = net
+        self.loss_fn, self.make_optimizer = loss, optimizer
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        x, y = batch
+        return self.loss_fn(self(x), y)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return self.make_optimizer(self.parameters())
 
 
 class Alternating(pl.Callback):

@@ -23,6 +23,7 @@ reaches ``(1 + eps) * F*``, ``F*`` being the lowest objective any mode reached i
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 import time
 from typing import Any
@@ -32,7 +33,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
-from benchmarks._common import RESULTS, markdown_table, quiet_lightning, save
+from benchmarks._common import RESULTS, Supervised, markdown_table, quiet_lightning, save
 from benchmarks.sparsity import Batches
 from lightning_bv.callbacks import PathNormRegularization
 from lightning_bv.functional.rbv import neuron_scores, rbv_norm
@@ -43,21 +44,10 @@ REFERENCE = MODES[-1]
 EPS = (1.0, 0.25, 0.1, 0.05, 0.02)
 
 
-class Net(pl.LightningModule):
-    def __init__(self, lr: float, width: int = 256) -> None:
-        super().__init__()
-        self.lr = lr
-        self.net = nn.Sequential(nn.Linear(64, width), nn.ReLU(), nn.Linear(width, 10))
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.net(x)
-
-    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
-        x, y = batch
-        return nn.functional.cross_entropy(self(x), y)
-
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.SGD(self.parameters(), lr=self.lr)
+def classifier(lr: float, width: int = 256) -> Supervised[nn.Sequential]:
+    """MLP 64 -> width -> 10, cross-entropy, plain SGD."""
+    net = nn.Sequential(nn.Linear(64, width), nn.ReLU(), nn.Linear(width, 10))
+    return Supervised(net, nn.functional.cross_entropy, functools.partial(torch.optim.SGD, lr=lr))
 
 
 class PathProxProjection(pl.Callback):
@@ -92,7 +82,7 @@ class ObjectiveRecorder(pl.Callback):
         self.rows: list[tuple[int, float, float, float, int]] = []  # step, loss, R, objective, active
 
     @torch.no_grad()
-    def record(self, pl_module: Net) -> None:
+    def record(self, pl_module: Supervised[nn.Sequential]) -> None:
         if self.groups is None:
             self.groups = find_neurons(pl_module.net, self.x[:2])
         loss = float(nn.functional.cross_entropy(pl_module.net(self.x), self.y))
@@ -117,7 +107,7 @@ def data(n: int = 1000) -> tuple[Tensor, Tensor]:
 
 def run(mode: str, x: Tensor, y: Tensor, lam: float, lr: float, steps: int, every: int, seed: int) -> dict[str, Any]:
     pl.seed_everything(seed, verbose=False)
-    model = Net(lr)
+    model = classifier(lr)
     recorder = ObjectiveRecorder(x, y, lam, every)
     regularizer = (
         PathProxProjection(lam) if mode == REFERENCE else PathNormRegularization(lam=lam, mode=mode, every_n_steps=1)

@@ -36,27 +36,11 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
-from benchmarks._common import Alternating, markdown_table, quiet_lightning, save
+from benchmarks._common import Alternating, Supervised, markdown_table, quiet_lightning, save
 from benchmarks.overhead import BLOCK, MLP, alternating_fit, summarize
 from lightning_bv.callbacks import PathNormRegularization
 from lightning_bv.callbacks.bv_monitor import BVMonitor
 from lightning_bv.functional.path_norm import path_norm
-
-
-class Classifier(pl.LightningModule):
-    def __init__(self, net: nn.Module) -> None:
-        super().__init__()
-        self.net = net
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.net(x)
-
-    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
-        x, y = batch
-        return nn.functional.cross_entropy(self(x), y)
-
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.SGD(self.parameters(), lr=0.01, momentum=0.9)
 
 
 def cnn() -> nn.Module:
@@ -115,9 +99,10 @@ class Batches(Dataset):
         return self.x[i % 4], self.y[i % 4]
 
 
-def module_for(model: str) -> Classifier:
+def module_for(model: str) -> Supervised:
     torch.manual_seed(0)
-    return Classifier(MODELS[model][0]())
+    sgd = functools.partial(torch.optim.SGD, lr=0.01, momentum=0.9)
+    return Supervised(MODELS[model][0](), nn.functional.cross_entropy, sgd)
 
 
 @torch.no_grad()

@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -52,7 +53,7 @@ from pytorch_lightning.callbacks import ModelPruning
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
-from benchmarks._common import markdown_table, quiet_lightning, save
+from benchmarks._common import Supervised, markdown_table, quiet_lightning, save
 from lightning_bv.callbacks import PathNormRegularization
 from lightning_bv.callbacks.neuron_pruning import NeuronPruning
 from lightning_bv.functional.rbv import neuron_scores
@@ -148,27 +149,13 @@ class Batches(Dataset):
 
 
 # -- the model ---------------------------------------------------------------------------------------------------
-class Net(pl.LightningModule):
-    """An ordinary LightningModule: an MLP ``d_in -> width -> d_out``; it knows nothing about lightning_bv."""
-
-    def __init__(self, problem: Problem, optimizer: str, weight_decay: float = 0.0) -> None:
-        super().__init__()
-        self.task, self.optimizer, self.weight_decay = problem.task, optimizer, weight_decay
-        d_in, width, d_out = problem.d_in, problem.width, problem.d_out
-        self.net = nn.Sequential(nn.Linear(d_in, width), nn.ReLU(), nn.Linear(width, d_out))
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.net(x)
-
-    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
-        x, y = batch
-        out = self(x)
-        return nn.functional.cross_entropy(out, y) if self.task == "classification" else nn.functional.mse_loss(out, y)
-
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        if self.optimizer == "sgd":
-            return torch.optim.SGD(self.parameters(), lr=SGD_LR, momentum=SGD_MOMENTUM)
-        return torch.optim.AdamW(self.parameters(), lr=ADAMW_LR, weight_decay=self.weight_decay)
+def mlp_for(problem: Problem, optimizer: str, weight_decay: float = 0.0) -> Supervised[nn.Sequential]:
+    """An MLP ``d_in -> width -> d_out`` in an ordinary LightningModule; SGD (with momentum) or AdamW."""
+    net = nn.Sequential(nn.Linear(problem.d_in, problem.width), nn.ReLU(), nn.Linear(problem.width, problem.d_out))
+    loss = nn.functional.cross_entropy if problem.task == "classification" else nn.functional.mse_loss
+    if optimizer == "sgd":
+        return Supervised(net, loss, functools.partial(torch.optim.SGD, lr=SGD_LR, momentum=SGD_MOMENTUM))
+    return Supervised(net, loss, functools.partial(torch.optim.AdamW, lr=ADAMW_LR, weight_decay=weight_decay))
 
 
 class LamUntil:
@@ -231,7 +218,7 @@ def fit(problem: Problem, method: str, lam: float, seed: int, prune: tuple[int, 
     """Train one model with one method (a key of ``METHODS``); ``prune``: (epoch, neurons) for ModelPruning."""
     pl.seed_everything(seed, verbose=False)
     optimizer, mode = METHODS[method]
-    model = Net(problem, optimizer, weight_decay=lam if method == "AdamW weight decay" else 0.0)
+    model = mlp_for(problem, optimizer, weight_decay=lam if method == "AdamW weight decay" else 0.0)
     callbacks: list[pl.Callback] = []
     if mode is not None and method == FT:
         # prox for 80% of the epochs, compact, then train the survivors with lam=0

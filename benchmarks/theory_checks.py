@@ -20,6 +20,7 @@ tolerance of 1e-5 of the largest singular value.
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib.util
 import sys
 import time
@@ -37,6 +38,7 @@ if str(ROOT) not in sys.path:  # loaded by file path (tests) or run as a file
     sys.path.insert(0, str(ROOT))
 
 import lightning_bv as lbv  # noqa: E402
+from benchmarks._common import Supervised  # noqa: E402
 from benchmarks.sparsity import Batches, teacher_student  # noqa: E402
 from lightning_bv.callbacks import PathNormRegularization  # noqa: E402
 
@@ -53,24 +55,11 @@ def spline_example() -> ModuleType:
     return module
 
 
-class Regressor(pl.LightningModule):
+def regressor(net: nn.Module, lr: float, optimizer: str = "adam") -> Supervised:
     """MSE on any net; Adam, or SGD with momentum."""
-
-    def __init__(self, net: nn.Module, lr: float, optimizer: str = "adam") -> None:
-        super().__init__()
-        self.net, self.lr, self.optimizer = net, lr, optimizer
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.net(x)
-
-    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
-        x, y = batch
-        return nn.functional.mse_loss(self(x), y)
-
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        if self.optimizer == "sgd":
-            return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=0.9)
-        return torch.optim.Adam(self.parameters(), lr=self.lr)
+    if optimizer == "sgd":
+        return Supervised(net, nn.functional.mse_loss, functools.partial(torch.optim.SGD, lr=lr, momentum=0.9))
+    return Supervised(net, nn.functional.mse_loss, functools.partial(torch.optim.Adam, lr=lr))
 
 
 def fit(module: pl.LightningModule, data: DataLoader, callbacks: list[pl.Callback], steps: int) -> float:
@@ -99,7 +88,7 @@ def check_spline(n: int = 20, width: int = 256, lam: float = 0.03, steps: int = 
     pl.seed_everything(seed, verbose=False)
     x, y = ex.make_data(n, 0.1, seed)
     net = nn.Sequential(nn.Linear(1, width), nn.ReLU(), nn.Linear(width, 1))
-    seconds = fit(Regressor(net, 1e-2), DataLoader(TensorDataset(x, y), batch_size=n),
+    seconds = fit(regressor(net, 1e-2), DataLoader(TensorDataset(x, y), batch_size=n),
                   [PathNormRegularization(lam=lam, mode="prox")], steps)  # fmt: skip
     groups = lbv.find_neurons(net, x[:2])
     lbv.balance_(groups)
@@ -129,7 +118,7 @@ def train_rbvnet(
     g = torch.Generator().manual_seed(seed)
     x, y = torch.randn(n, d_in, generator=g), torch.randn(n, d_out, generator=g)
     net = lbv.RBVNet(d_in, d_out, width, bottleneck, depth)
-    seconds = fit(Regressor(net, 1e-2), DataLoader(TensorDataset(x, y), batch_size=n),
+    seconds = fit(regressor(net, 1e-2), DataLoader(TensorDataset(x, y), batch_size=n),
                   [PathNormRegularization(lam=lam, q=q, mode="prox")], steps)  # fmt: skip
     return net, x, seconds
 
@@ -201,7 +190,7 @@ def check_teacher(
     net = nn.Sequential(nn.Linear(problem.d_in, problem.width), nn.ReLU(), nn.Linear(problem.width, 1))
     data = DataLoader(Batches(problem.x_train, problem.y_train, problem.batch_size, seed), batch_size=None)
     steps = epochs * len(data)
-    seconds = fit(Regressor(net, lr, "sgd"), data, [PathNormRegularization(lam=lam, mode="prox")], steps)
+    seconds = fit(regressor(net, lr, "sgd"), data, [PathNormRegularization(lam=lam, mode="prox")], steps)
     with torch.no_grad():
         count = active(lbv.neuron_scores(lbv.find_neurons(net, problem.x_train[:2]))["0"])
         mse = float(nn.functional.mse_loss(net(problem.x_test), problem.y_test))
