@@ -54,6 +54,10 @@ class Slot:
     output rows and kernel positions); ``index=None`` means column k alone.
     ``regularized=False`` marks entries that must be rescaled with the neuron (function preservation) but are not
     charged by the seminorm (skip connections, biases).
+    ``factor=True`` (``param="weight"`` of a low-rank layer ``W = U V`` only): the slot owns its side's factor instead
+    of the product, row k of ``U`` (``dim=0``) or the columns of ``V`` that read input channel k (``dim=1``, ``V``
+    seen as ``[r, in, *kernel]``). That is how a low-rank layer between two neuron groups is read: the producing
+    group's neurons own ``V``'s columns, the consuming group's own ``U``'s rows, and no tensor is shared.
     """
 
     def __init__(
@@ -64,6 +68,7 @@ class Slot:
         dim: int,
         index: Tensor | None = None,
         regularized: bool = True,
+        factor: bool = False,
     ) -> None:
         self.module = module
         self.module_name = module_name
@@ -71,14 +76,36 @@ class Slot:
         self.dim = dim
         self.index = index
         self.regularized = regularized
+        self.factor = factor
 
     def __repr__(self) -> str:
         idx = "" if self.index is None else f", index={tuple(self.index.shape)}"
-        return f"Slot({self.module_name}.{self.param}, dim={self.dim}{idx}, regularized={self.regularized})"
+        fac = ", factor=True" if self.factor else ""
+        return f"Slot({self.module_name}.{self.param}, dim={self.dim}{idx}, regularized={self.regularized}{fac})"
+
+    def owning_product(self) -> Slot:
+        """The same slot on the module's whole weight (undoes :meth:`owning_factor`)."""
+        return Slot(self.module, self.module_name, self.param, self.dim, self.index, self.regularized)
+
+    def owning_factor(self) -> Slot:
+        """The same slot on its side's factor of the low-rank weight (see ``factor``)."""
+        return Slot(self.module, self.module_name, self.param, self.dim, self.index, self.regularized, factor=True)
 
     # -- reading ---------------------------------------------------------------------------------------------
     def tensor(self) -> Tensor:
-        """The effective tensor (differentiable; the product U @ V for a low-rank weight)."""
+        """The tensor holding the entries (differentiable): the product U @ V for a low-rank weight, or its factor.
+
+        A ``factor`` slot's ``V`` comes as a ``[r, in, *kernel]`` view, so rows and columns mean what they mean on a
+        dense weight.
+        """
+        if self.factor:
+            f = low_rank_factors(self.module)
+            if f is None:
+                raise ValueError(f"slot {self!r}: '{self.module_name}' is no longer low-rank")
+            if self.dim == 0:
+                return f[0]
+            shape = _resolve(self.module, "parametrizations.weight")[0].weight_shape
+            return f[1].view(f[1].shape[0], *shape[1:])
         return _resolve(self.module, self.param)
 
     def _kernel(self, t: Tensor) -> int:
@@ -136,10 +163,15 @@ class Slot:
         return self.index.numel() == t.shape[1] and self.index.unique().numel() == t.shape[1]
 
     def _lowrank(self) -> tuple[Tensor, Tensor] | None:
-        return low_rank_factors(self.module) if self.param == "weight" else None
+        """The factors of the product this slot reads (None for a plain tensor or a ``factor`` slot)."""
+        return low_rank_factors(self.module) if self.param == "weight" and not self.factor else None
 
     def written(self) -> Tensor:
         """The parameter that :meth:`scale_` writes (U for the rows of a low-rank weight, V for its columns)."""
+        if self.factor:
+            f = low_rank_factors(self.module)
+            assert f is not None
+            return f[0] if self.dim == 0 else f[1]
         f = self._lowrank()
         if f is None:
             return self.tensor()
@@ -172,12 +204,14 @@ class Slot:
         m = self.broadcast(coef.to(t.dtype), t, fill=0.0)
         f = self._lowrank()
         if f is None:
-            if t.grad is None:
-                t.grad = torch.zeros_like(t)
+            leaf = self.written()  # t itself, or the factor V that a [r, in, *kernel] view of t reads
+            if leaf.grad is None:
+                leaf.grad = torch.zeros_like(leaf)
+            grad = leaf.grad.view(t.shape)
             if sign:
-                t.grad.add_(t.sign().mul_(m))
+                grad.add_(t.sign().mul_(m))
             else:
-                t.grad.addcmul_(t, m)
+                grad.addcmul_(t, m)
             return
         u, v = f
         g2 = (t.sign() * m if sign else t * m).reshape(u.shape[0], -1)
@@ -275,7 +309,7 @@ class NeuronGroup:
         seen: dict[int, Tensor] = {}
         for s in self.slots():
             f = s._lowrank()
-            for p in f if f is not None else (s.tensor(),):
+            for p in f if f is not None else (s.written(),):
                 seen.setdefault(id(p), p)
         return list(seen.values())
 
@@ -293,6 +327,7 @@ class NeuronGroups(Sequence[NeuronGroup]):
     def __init__(self, groups: Sequence[NeuronGroup], skipped: Sequence[tuple[str, str]] = ()) -> None:
         self._groups = list(groups)
         self.skipped: list[tuple[str, str]] = list(skipped)
+        self.lifted: list[str] = []  # layers lift_shared_weights wrote as A B for these groups
 
     @overload
     def __getitem__(self, i: int) -> NeuronGroup: ...
@@ -335,6 +370,8 @@ class NeuronGroups(Sequence[NeuronGroup]):
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
         lines = [f"{len(self._groups)} neuron group(s), {sum(g.num_neurons for g in self._groups)} neurons"]
         lines += ["  " + "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+        if self.lifted:
+            lines.append("shared weights lifted to a product A B: " + ", ".join(self.lifted))
         if self.skipped:
             lines.append(f"skipped {len(self.skipped)}:")
             lines += [f"  {name}: {why}" for name, why in self.skipped]
@@ -532,6 +569,48 @@ class _Analysis:
         )
 
 
+def own_factors(groups: Sequence[NeuronGroup]) -> list[str]:
+    """Let groups own the factors of every low-rank layer that sits between two of them, in place.
+
+    A low-rank layer ``W = U V`` that is a consumer of one group (its columns) and the producer of another (its rows,
+    no BatchNorm between) would be shared by both if read as the product. Instead, the consuming side's ``v_k`` become
+    the columns of ``V`` and the producing side's ``w_j`` the rows of ``U`` (``Slot.factor``): no tensor is shared, and
+    the layer's rank components need no group of their own (the neurons' penalty drives the rank down). Returns the
+    names of the layers read that way.
+    """
+    roles: dict[str, set[int]] = {}
+    for g in groups:
+        for s in g.w_slots + g.v_slots:
+            if s.param == "weight" and s.regularized and s._lowrank() is not None:
+                roles.setdefault(s.module_name, set()).add(s.dim)
+    between = {name for name, dims in roles.items() if dims == {0, 1}}
+    for g in groups:
+        g.w_slots = tuple(s.owning_factor() if s.module_name in between and s.param == "weight" else s
+                          for s in g.w_slots)  # fmt: skip
+        g.v_slots = tuple(s.owning_factor() if s.module_name in between and s.param == "weight" else s
+                          for s in g.v_slots)  # fmt: skip
+    return sorted(between)
+
+
+def shared_weights(groups: Sequence[NeuronGroup]) -> list[str]:
+    """Names of the plain Linear/Conv layers whose weight is one group's input weights and another's output weights.
+
+    That is the hidden matrix of a plain Linear-ReLU-Linear-ReLU chain: its columns belong to the neurons before it,
+    its rows to the neurons after it, so no per-neuron rescaling or proximal step is exact for either group.
+    :func:`lightning_bv.lift_shared_weights` writes such a weight as a full-rank product ``A B`` instead.
+    """
+    rows: set[str] = set()
+    cols: set[str] = set()
+    for g in groups:
+        for s in g.w_slots:
+            if s.param == "weight" and s.dim == 0 and s.regularized and s._lowrank() is None and not s.factor:
+                rows.add(s.module_name)
+        for s in g.v_slots:
+            if s.param == "weight" and s.regularized and s._lowrank() is None and not s.factor:
+                cols.add(s.module_name)
+    return sorted(rows & cols)
+
+
 def _low_rank_groups(root: nn.Module) -> list[NeuronGroup]:
     groups = []
     for name, mod in root.named_modules():
@@ -559,17 +638,20 @@ def analyze(trace: Trace, root: nn.Module, targets: Targets = None, exclude: Tar
             groups.append(a.group(op))
         except _Skip as why:
             skipped.append((label, str(why)))
-    groups += _low_rank_groups(root)
+    rank_groups = _low_rank_groups(root)
     if targets is not None or exclude is not None:
-        candidates = list(dict.fromkeys(p for g in groups for p in (*g.producers, g.name)))
+        candidates = list(dict.fromkeys(p for g in groups + rank_groups for p in (*g.producers, g.name)))
         picked = set(select_names(candidates, targets, exclude))
         kept = []
-        for g in groups:
+        for g in groups + rank_groups:
             if g.name in picked or any(p in picked for p in g.producers):
                 kept.append(g)
             else:
                 skipped.append((g.name, "not selected by targets/exclude"))
-        groups = kept
+        groups = [g for g in kept if g.activation != "identity"]
+        rank_groups = [g for g in kept if g.activation == "identity"]
+    owned = set(own_factors(groups))  # a low-rank layer between two selected groups: its factors are theirs
+    groups += [g for g in rank_groups if g.producer not in owned]
     return NeuronGroups(groups, skipped)
 
 

@@ -1,6 +1,7 @@
 """Model surgery in plain PyTorch: low-rank weights, affine skip connections (and compaction)."""
 
 from lightning_bv.transforms.compact import CompactionReport, GroupCompaction, compact
+from lightning_bv.transforms.lift import LiftReport, is_lifted, lift_shared_weights
 from lightning_bv.transforms.low_rank import (
     LowRankWeight,
     apply_low_rank,
@@ -18,13 +19,16 @@ __all__ = [
     "AffineSkip",
     "CompactionReport",
     "GroupCompaction",
+    "LiftReport",
     "LowRankWeight",
     "add_skip",
     "affine_skip_for",
     "apply_low_rank",
     "compact",
     "factorize",
+    "is_lifted",
     "is_low_rank",
+    "lift_shared_weights",
     "is_skip",
     "low_rank_factors",
     "low_rank_live_components",

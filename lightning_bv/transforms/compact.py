@@ -51,6 +51,8 @@ from torch.nn.utils import parametrize
 
 from lightning_bv.functional.rbv import group_norms
 from lightning_bv.neurons import NeuronGroup, NeuronGroups, find_neurons, low_rank_factors
+from lightning_bv.transforms.lift import is_lifted
+from lightning_bv.transforms.low_rank import remove_low_rank
 from lightning_bv.transforms.resize import _take
 from lightning_bv.transforms.resize import resize_to_state_dict_ as resize_to_state_dict_  # re-exported
 from lightning_bv.transforms.resize import slice_optimizer_state_ as slice_optimizer_state_  # re-exported
@@ -114,6 +116,7 @@ class CompactionReport:
         param_map: ``{old Parameter: (new Parameter, kept indices per dim)}`` for every replaced Parameter; an index
             of None keeps the whole dim. Pass it to :func:`~lightning_bv.transforms.resize.slice_optimizer_state_`.
         neuron_groups: the groups compaction used, updated to the new sizes (usable right away).
+        merged: the lifted layers whose product ``A B`` was merged back into one dense weight.
     """
 
     tol: float
@@ -122,8 +125,10 @@ class CompactionReport:
     params_after: int
     param_map: ParamMap = field(default_factory=dict, repr=False)
     neuron_groups: NeuronGroups | None = field(default=None, repr=False)
+    merged: list[str] = field(default_factory=list)
     _changes: dict[int, _Change] = field(default_factory=dict, repr=False)
     _updated: set[int] = field(default_factory=set, repr=False)
+    _merged_modules: list[nn.Module] = field(default_factory=list, repr=False)
 
     @property
     def neurons_before(self) -> int:
@@ -151,6 +156,7 @@ class CompactionReport:
         """
         for g in groups:
             if id(g) not in self._updated:
+                _unfactor(g, self._merged_modules)
                 _remap_group(g, self._changes)
                 self._updated.add(id(g))
         return groups
@@ -169,6 +175,8 @@ class CompactionReport:
             rows.append((g.name, f"{g.before} -> {g.after}", str(g.before - g.after), score, g.note))
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
         lines += ["  " + "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+        if self.merged:
+            lines.append("lifted products A B merged back into one weight: " + ", ".join(self.merged))
         return "\n".join(lines)
 
 
@@ -181,6 +189,7 @@ def compact(
     groups: NeuronGroup | Iterable[NeuronGroup] | None = None,
     tol: float = 0.0,
     example_input: Tensor | tuple[Any, ...] | None = None,
+    merge_lifted: bool = True,
 ) -> CompactionReport:
     """Remove every neuron whose score ``||v_k||_2 ||w_k||_2`` is ``<= tol``, in place.
 
@@ -200,6 +209,10 @@ def compact(
             ``example_input`` when None.
         tol: remove neurons with score ``<= tol`` (>= 0). ``tol=0`` keeps the function exactly.
         example_input: an input for :func:`~lightning_bv.find_neurons`, when ``groups`` is not given.
+        merge_lifted: afterwards, merge each product ``A B`` made by :func:`~lightning_bv.lift_shared_weights` back
+            into one dense weight when that has fewer parameters (listed in ``report.merged``). The merged weight is
+            a new Parameter that ``report.param_map`` does not map: pass False to keep training with a carried-over
+            optimizer (the groups then stay unshared).
 
     Returns:
         CompactionReport: neurons per group before and after, the removed score, parameters before and after;
@@ -212,6 +225,8 @@ def compact(
     """
     tol = _check_tol(tol)
     _check_model(model)
+    if not isinstance(merge_lifted, bool):
+        raise TypeError(f"`merge_lifted` must be a bool, got {merge_lifted!r}")
     if groups is None:
         if example_input is None:
             raise ValueError(
@@ -239,10 +254,36 @@ def compact(
         rows.append(row)
 
     param_map = _apply(changes)
-    report = CompactionReport(tol, rows, params_before, _count(model), param_map, None, changes)
+    report = CompactionReport(tol, rows, params_before, _count(model), param_map, None, _changes=changes)
     report.update_groups_(glist)
+    if merge_lifted:
+        report.merged, report._merged_modules = _merge_lifted(model)
+        for g in glist:
+            _unfactor(g, report._merged_modules)
+        report.params_after = _count(model)
     report.neuron_groups = groups if isinstance(groups, NeuronGroups) else NeuronGroups(glist)
     return report
+
+
+def _merge_lifted(model: nn.Module) -> tuple[list[str], list[nn.Module]]:
+    """Merge every lifted ``A B`` whose dense product is no larger back into one weight; names and modules merged."""
+    names, modules = [], []
+    for name, m in model.named_modules():
+        factors = low_rank_factors(m) if is_lifted(m) else None
+        if factors is None or factors[0].numel() + factors[1].numel() < cast(Tensor, m.weight).numel():
+            continue
+        remove_low_rank(m)
+        names.append(name)
+        modules.append(m)
+    return names, modules
+
+
+def _unfactor(g: NeuronGroup, merged: list[nn.Module]) -> None:
+    """Slots of ``g`` on the factors of a merged layer read its (new, dense) weight instead."""
+    if not merged:
+        return
+    g.w_slots = tuple(s.owning_product() if s.factor and any(s.module is m for m in merged) else s for s in g.w_slots)
+    g.v_slots = tuple(s.owning_product() if s.factor and any(s.module is m for m in merged) else s for s in g.v_slots)
 
 
 # ------------------------------------------------------------------------------------------------------------

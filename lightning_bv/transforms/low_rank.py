@@ -69,6 +69,7 @@ class LowRankWeight(nn.Module):
     """
 
     lbv_low_rank = True
+    lifted = False  # True when lift_shared_weights made it (a full-rank product that compact merges back)
 
     def __init__(self, rank: int, weight_shape: tuple[int, ...]) -> None:
         super().__init__()
@@ -88,7 +89,7 @@ class LowRankWeight(nn.Module):
         return U, V
 
     def extra_repr(self) -> str:
-        return f"rank={self.rank}, weight_shape={self.weight_shape}"
+        return f"rank={self.rank}, weight_shape={self.weight_shape}" + (", lifted=True" if self.lifted else "")
 
 
 def is_low_rank(module: nn.Module) -> bool:

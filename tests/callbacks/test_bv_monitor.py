@@ -187,14 +187,17 @@ def test_csv_logger_has_the_scalars_and_the_values_are_right(tmp_path):
 
 def test_low_rank_layers_log_live_components_and_rank_groups(tmp_path):
     model = MLPModule()
-    apply_low_rank(model.net, rank=3, targets=["2"])
+    # net.0 reads the data: its components are a group; net.2 sits between two groups, which own its factors
+    apply_low_rank(model.net, rank=3, targets=["0", "2"])
     logger = CSVLogger(tmp_path)
     trainer(max_steps=2, logger=logger, callbacks=[BVMonitor(every_n_steps=1, spectra_every_n_steps=1)]).fit(model)
     rows = csv_rows(logger)
+    assert logged(rows, "rank/net.0/live") == [3.0, 3.0]
+    assert logged(rows, "bv/net.0:rank/active")[-1] == 3.0
+    assert logged(rows, "rank/net.0/stable")[-1] <= 3.0
     assert logged(rows, "rank/net.2/live") == [3.0, 3.0]
-    assert logged(rows, "bv/net.2:rank/active")[-1] == 3.0
-    assert logged(rows, "rank/net.2/stable")[-1] <= 3.0
-    assert "rank/net.0/live" not in rows[0]
+    assert "bv/net.2:rank/active" not in rows[0]
+    assert "rank/net.4/live" not in rows[0]
 
 
 def test_path_norm_refusal_warns_once_and_the_rest_is_logged(tmp_path):
