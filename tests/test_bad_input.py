@@ -51,6 +51,11 @@ def low_rank_mlp() -> nn.Module:
     return lbv.apply_low_rank(mlp(), rank=2, targets=["2"])
 
 
+def low_rank_head_mlp() -> nn.Module:
+    """The last layer is low-rank: the group before it reads the product U V (no group owns U)."""
+    return lbv.apply_low_rank(mlp(), rank=1, targets=["4"])
+
+
 def skip_mlp() -> nn.Module:
     return lbv.add_skip(mlp(), ["2"])
 
@@ -130,13 +135,13 @@ FUNCTION_ROWS: list[tuple[str, Callable[[], nn.Module], Callable[[nn.Module], An
     ("balance_-model-not-groups", mlp, lambda m: lbv.balance_(m), TypeError, r"`groups` must be a NeuronGroup"),
     ("prox_-tau-negative", mlp, lambda m: lbv.prox_(groups(m), -1.0), ValueError, r"`tau` must be a finite value >= 0, got -1\.0"),
     ("prox_-tau-nan", mlp, lambda m: lbv.prox_(groups(m), NAN), ValueError, r"`tau` must be a finite value >= 0, got nan"),
-    ("prox_-tau-str", mlp, lambda m: lbv.prox_(groups(m), "0.1"), TypeError, r"`tau` must be a number, a 0-dim tensor or a mapping from group name to number, got str"),
+    ("prox_-tau-str", mlp, lambda m: lbv.prox_(groups(m), "0.1"), TypeError, r"`tau` must be a number, a 0-dim tensor or a mapping from group name to a number, got str"),
     ("prox_-tau-vector", mlp, lambda m: lbv.prox_(groups(m), torch.tensor([0.1, 0.2])), TypeError, r"got Tensor of shape \(2,\)"),
     ("prox_-tau-mapping-missing-group", mlp, lambda m: lbv.prox_(groups(m), {"0": 0.1}), ValueError, r"`tau` has no value for group\(s\) \['2'\]; it has \['0'\]"),
     ("prox_-tau-mapping-negative", mlp, lambda m: lbv.prox_(groups(m), {"0": 0.1, "2": -2}), ValueError, r"`tau` must be a finite value >= 0, got -2 \(group '2'\)"),
     ("prox_-q", mlp, lambda m: lbv.prox_(groups(m), 0.1, q=0), ValueError, r"`q` must be 1 or 2"),
     ("prox_-on_nonfinite", mlp, lambda m: lbv.prox_(groups(m), 0.1, on_nonfinite="warn"), ValueError, r"`on_nonfinite` must be one of \('ignore', 'raise', 'skip'\).*got 'warn'"),
-    ("prox_-q1-low-rank-consumer", low_rank_mlp, lambda m: lbv.prox_(groups(m), 0.1, q=1), NotImplementedError, r"q=1 prox of group '0' on the low-rank weight of '2' is not supported \(use q=2\)"),
+    ("prox_-q1-low-rank-consumer", low_rank_head_mlp, lambda m: lbv.prox_(groups(m), 0.1, q=1), NotImplementedError, r"q=1 prox of group '2' on the low-rank weight of '4' is not supported \(use q=2\)"),
     ("prox_-nan-weights", nan_mlp, lambda m: lbv.prox_(groups(m), 0.1, on_nonfinite="raise"), NonFiniteWeightsError, r"neuron group '0' has non-finite weights: nan norm of the input weights of neuron\(s\) \[1\] of 6 \(nan\)"),
     ("add_rbv_grad_-nan-weights", nan_mlp, lambda m: add_rbv_grad_(groups(m), 0.1, on_nonfinite="raise"), FloatingPointError, r"neuron group '0' has non-finite weights.*on_nonfinite=\"skip\""),
     ("add_rbv_grad_-lam", mlp, lambda m: add_rbv_grad_(groups(m), -0.1), ValueError, r"`lam` must be a finite value >= 0, got -0\.1"),
@@ -299,7 +304,7 @@ SETUP_ROWS = [
     ("SkipConnections-identity-shape", MLPModule, single, SkipConnections(targets=["net.2", "net.0"], kind="identity"), ValueError, r"needs 'net\.0' to keep its input shape, but it maps 4 to 16 features"),
     ("PathNormRegularization-targets-nothing", MLPModule, single, PathNormRegularization(lam=0.1, targets=["nope"], example_input=X4), lbv.TargetsMatchNothingError, MATCH_NOTHING),
     ("PathNormRegularization-fsdp", MLPModule, fsdp, PathNormRegularization(lam=0.1), ValueError, "PathNormRegularization " + SHARDED),
-    ("PathNormRegularization-manual-optimization", ManualMLP, single, PathNormRegularization(lam=0.1), ValueError, r"does not support manual optimization \(automatic_optimization=False\).*call lightning_bv\.prox_"),
+    ("PathNormRegularization-manual-optimization", ManualMLP, single, PathNormRegularization(lam=0.1), ValueError, r"does not support manual optimization \(automatic_optimization=False\).*call lightning_bv\.proximal_step_\(groups, lightning_bv\.prox_thresholds\(groups, optimizer, lam\)"),
     ("NeuronPruning-targets-nothing", MLPModule, single, NeuronPruning(targets=["nope"], example_input=X4), lbv.TargetsMatchNothingError, MATCH_NOTHING),
     ("NeuronPruning-fsdp", MLPModule, fsdp, NeuronPruning(), ValueError, "NeuronPruning " + SHARDED),
     ("NeuronPruning-mid-fit-ddp", MLPModule, ddp, NeuronPruning(every_n_epochs=1), ValueError, r"NeuronPruning\(every_n_epochs=1\) compacts during training only on a single device: under DDPStrategy"),

@@ -9,9 +9,12 @@ from lightning_bv.functional.rbv import (
     group_norms,
     neuron_scores,
     neuron_weight_decay,
+    project_,
     prox_,
+    proximal_step_,
     rbv_norm,
 )
+from lightning_bv.functional.thresholds import prox_thresholds
 from lightning_bv.functional.spectral import Spectrum, effective_rank, singular_values, spectrum, stable_rank
 
 __all__ = [
@@ -28,6 +31,9 @@ __all__ = [
     "neuron_scores",
     "neuron_weight_decay",
     "path_norm",
+    "project_",
     "prox_",
+    "prox_thresholds",
+    "proximal_step_",
     "rbv_norm",
 ]

@@ -37,29 +37,40 @@ def _as_list(groups: Groups) -> list[NeuronGroup]:
     return glist
 
 
-def _check_tau(tau: object, names: list[str]) -> dict[str, float | Tensor]:
-    """One threshold per group name: a number or 0-dim tensor for all, or a mapping name -> number."""
+def _check_tau(tau: object, glist: list[NeuronGroup]) -> dict[str, float | Tensor]:
+    """One threshold per group name: a number or 0-dim tensor for all, or a mapping name -> number or [K] tensor.
 
-    def check(t: object, where: str) -> float | Tensor:
+    Everything is checked before any group changes.
+    """
+
+    def check(t: object, where: str, k: int | None) -> float | Tensor:
         ok = isinstance(t, numbers.Real) and not isinstance(t, bool)
         if isinstance(t, Tensor):
-            ok = t.dim() == 0 and not t.dtype.is_complex and t.dtype != torch.bool
+            ok = (t.dim() == 0 or (k is not None and tuple(t.shape) == (k,))) and t.dtype.is_floating_point
         if not ok:
-            shape = f" of shape {tuple(t.shape)}" if isinstance(t, Tensor) else ""
+            shape = f" of shape {tuple(t.shape)} and dtype {t.dtype}" if isinstance(t, Tensor) else ""
+            per = f" or a floating tensor of shape [{k}] (one per neuron)" if k is not None else ""
             raise TypeError(
-                f"`tau` must be a number, a 0-dim tensor or a mapping from group name to number, got "
+                f"`tau` must be a number, a 0-dim tensor or a mapping from group name to a number{per}, got "
                 f"{type(t).__name__}{shape}{where}"
             )
+        if isinstance(t, Tensor) and t.dim() == 1:
+            bad = ~torch.isfinite(t) | (t < 0)
+            if bool(bad.any()):
+                i = int(torch.nonzero(bad)[0])
+                raise ValueError(f"`tau` must be finite and >= 0 for every neuron, got {float(t[i])!r} at neuron {i}{where}")
+            return t
         if not math.isfinite(float(t)) or float(t) < 0:  # type: ignore[arg-type]
             raise ValueError(f"`tau` must be a finite value >= 0, got {t!r}{where}")
         return t  # type: ignore[return-value]
 
+    names = [g.name for g in glist]
     if isinstance(tau, Mapping):
         missing = [n for n in names if n not in tau]
         if missing:
             raise ValueError(f"`tau` has no value for group(s) {missing}; it has {sorted(map(str, tau))}")
-        return {n: check(tau[n], f" (group {n!r})") for n in names}
-    value = check(tau, "")
+        return {g.name: check(tau[g.name], f" (group {g.name!r})", g.num_neurons) for g in glist}
+    value = check(tau, "", None)
     return dict.fromkeys(names, value)
 
 
@@ -260,50 +271,79 @@ def _zero_dead_sides_(g: NeuronGroup, w: Tensor, v: Tensor) -> None:
             s.scale_(keep)
 
 
-def _shared_producers(groups: list[NeuronGroup]) -> set[str]:
-    """Names of groups that write a weight tensor another group also writes.
-
-    That is the middle matrix of a plain Linear-ReLU-Linear-ReLU chain (one group's columns, the next one's rows),
-    and a low-rank factor read both by a ReLU group and by the layer's rank components. Compared by the parameter
-    actually written, so the factors U and V of a low-rank weight count as what they are.
-    """
-    owners: dict[int, set[str]] = {}
-    for g in groups:
-        for s in g.w_slots + g.v_slots:
-            owners.setdefault(id(s.written()), set()).add(g.name)
-    return {name for names in owners.values() if len(names) > 1 for name in names}
-
-
 def _feeds_itself(group: NeuronGroup) -> bool:
     """Whether one tensor holds both input-side and output-side entries of ``group`` (rescaling one moves both)."""
     ins = {id(s.written()) for s in group.w_slots + group.b_slots}
     return any(id(s.written()) in ins for s in group.v_slots)
 
 
+def _check_q1_low_rank(glist: list[NeuronGroup], q: int) -> None:
+    """The q=1 shrink is elementwise on the output weights; a low-rank product has no entries to threshold."""
+    if q != 1:
+        return
+    for g in glist:
+        for s in g.v_slots:
+            if s.regularized and s._lowrank() is not None:
+                raise NotImplementedError(
+                    f"q=1 prox of group '{g.name}' on the low-rank weight of '{s.module_name}' is not supported "
+                    "(use q=2)"
+                )
+
+
+def _shrink_(g: NeuronGroup, thr: Tensor | float, v: Tensor, q: int) -> None:
+    """Soft-threshold neuron k's output weights by ``thr[k]``: group-wise (q=2) or entry-wise (q=1)."""
+    reg = [s for s in g.v_slots if s.regularized]
+    if q == 2:
+        factor = (1.0 - thr / torch.where(v > 0, v, torch.ones_like(v))).clamp_min(0.0) * (v > 0)
+        for s in reg:
+            s.scale_(factor)
+    else:
+        for s in reg:
+            s.soft_threshold_(thr)
+
+
+def _unit(w: Tensor) -> tuple[Tensor, Tensor]:
+    """``(1 / ||w_k||`` where positive else 1, the norms after dividing: 1 where positive else 0)."""
+    live = w > 0
+    one = torch.ones_like(w)
+    return torch.where(live, 1.0 / torch.where(live, w, one), one), live.to(w.dtype)
+
+
+def _begin(groups: Groups, tau: object, q: int, on_nonfinite: str) -> tuple[int, str, list[NeuronGroup], dict]:
+    q = _check_q(q)
+    on_nonfinite = _check_nonfinite(on_nonfinite)
+    glist = _as_list(groups)
+    taus = _check_tau(tau, glist)
+    _check_q1_low_rank(glist, q)
+    return q, on_nonfinite, glist, taus
+
+
 @torch.no_grad()
 def prox_(
-    groups: Groups, tau: float | Tensor | Mapping[str, float], q: int = 2, *, on_nonfinite: str = "ignore"
+    groups: Groups, tau: float | Tensor | Mapping[str, float | Tensor], q: int = 2, *, on_nonfinite: str = "ignore"
 ) -> list[str]:
-    """Proximal step of ``tau * R`` (THEORY.md section 4), function-preserving normalize then shrink, in place.
+    """The proximal operator of ``tau * R`` at the current function: normalize, then shrink, in place.
 
-    1. normalize: for each neuron with ``||w_k|| > 0``: ``v_k *= ||w_k||; b_k /= ||w_k||; w_k /= ||w_k||``.
-    2. shrink: q=2: ``v_k <- max(0, 1 - tau / ||v_k||_2) v_k`` (group soft-threshold); q=1: elementwise
-       soft-threshold of ``v_k``. Skip-connection weights are never shrunk.
+    1. normalize (function-preserving): for each neuron with ``||w_k|| > 0``:
+       ``v_k *= ||w_k||; b_k /= ||w_k||; w_k /= ||w_k||``.
+    2. shrink: q=2: ``v_k <- max(0, 1 - tau_k / ||v_k||_2) v_k`` (group soft-threshold); q=1: elementwise
+       soft-threshold of ``v_k`` by ``tau_k``. Skip-connection weights are never shrunk.
 
-    With ``tau=0`` the function is unchanged; a neuron whose score ``||v_k||_q ||w_k||_2`` is ``<= tau`` (its
-    ``||v_k||`` after normalizing) becomes exactly 0.
+    With ``tau=0`` the function is unchanged; a neuron dies (``v_k = 0``) iff its score ``||v_k||_q ||w_k||_2`` is
+    ``<= tau_k``, whatever the scale of its weights: rescaling a model with :func:`balance_` (or any positive
+    per-neuron rescale) before ``prox_`` does not change which neurons die, in groups that share no weight tensor.
+    (Groups that do, such as the two around the hidden matrix of a plain Linear-ReLU-Linear-ReLU chain, are processed
+    in order, each at the scores left by the one before; write such a matrix as a product first:
+    :func:`lightning_bv.lift_shared_weights`.)
 
-    A group that shares a weight tensor with another group (the middle matrix of a plain Linear-ReLU-Linear-ReLU
-    chain; a low-rank factor read by a ReLU group and by the layer's rank components) is not normalized: one
-    group's normalize rescales the other's rows, dividing a row that the other's shrink made tiny blows its bias up,
-    and training diverged (measured on a 3-layer MLP, and on an RBVNet with a low-rank layer). For such a group the
-    shrink uses the equivalent threshold on the unnormalized weights,
-    ``v_k <- max(0, 1 - tau ||w_k|| / ||v_k||) v_k`` (q=2) or ``tau ||w_k||`` elementwise (q=1):
-    the same neurons die, and the objective's prox in v is exact.
+    For training, :func:`proximal_step_` is the step to take after each optimizer step; it applies this operator at
+    the first update.
 
     Args:
         groups: a group or groups.
-        tau: the threshold (``lam * lr`` in proximal gradient), >= 0; a mapping gives one per group name.
+        tau: the threshold, ``>= 0``: a number for every neuron, or a mapping from group name to a number or to a
+            tensor of shape ``[num_neurons]`` (one per neuron; :func:`lightning_bv.prox_thresholds` computes the
+            optimizer's own step).
         q: norm on each neuron's output weights, 1 or 2.
         on_nonfinite: what to do with a group whose norms ``||w_k||``, ``||v_k||`` (computed for the step anyway)
             are NaN or infinite: ``"ignore"`` (no check), ``"raise"`` (:class:`NonFiniteWeightsError` naming the
@@ -324,52 +364,108 @@ def prox_(
         >>> int((net[2].weight != 0).sum())
         0
     """
-    q = _check_q(q)
-    on_nonfinite = _check_nonfinite(on_nonfinite)
-    glist = _as_list(groups)
-    taus = _check_tau(tau, [g.name for g in glist])
-    if q == 1:  # checked before any group changes
-        for g in glist:
-            for s in g.v_slots:
-                if s.regularized and s._lowrank() is not None:
-                    raise NotImplementedError(
-                        f"q=1 prox of group '{g.name}' on the low-rank weight of '{s.module_name}' is not supported "
-                        "(use q=2)"
-                    )
-    shared = _shared_producers(glist)
+    q, on_nonfinite, glist, taus = _begin(groups, tau, q, on_nonfinite)
     skipped: list[str] = []
     for g in glist:
-        t = taus[g.name]
         w, v = group_norms(g, q)
         if _skip_nonfinite(g, w, v, on_nonfinite):
             skipped.append(g.name)
             continue
-        scale = torch.ones_like(w)
-        a: Tensor | None = None
-        if g.name in shared and not g.b_slots and g.activation == "identity":
-            # rank components: balancing U[:, j] and V[j] leaves W = U V (so every other group) unchanged and keeps
-            # the factors well conditioned (normalizing them instead diverged under SGD, even at tau = 0)
-            live = (w > 0) & (v > 0)
-            a = torch.where(live, (v / torch.where(live, w, scale)).sqrt(), scale)
-            new_w, new_v = w * a, v / a
-        elif g.name not in shared:
-            live = w > 0
-            a = torch.where(live, 1.0 / torch.where(live, w, scale), scale)
-            # ||v_k|| ||w_k||, computed as the score is, so a neuron with score == tau dies exactly
-            new_w, new_v = torch.where(live, scale, w), torch.where(live, v * w, v)
-        if a is not None:
-            _rescale_(g, a)
-            # the new norms without reading the weights again, unless a tensor holds both sides of the group
-            w, v = new_w, group_norms(g, q)[1] if _feeds_itself(g) else new_v
-        reg = [s for s in g.v_slots if s.regularized]
-        thr = t * w
-        if q == 2:
-            factor = (1.0 - thr / torch.where(v > 0, v, scale)).clamp_min(0.0) * (v > 0)
-            for s in reg:
-                s.scale_(factor)
-        else:
-            for s in reg:
-                s.soft_threshold_(thr)
+        a, unit = _unit(w)
+        _rescale_(g, a)
+        # ||v_k|| ||w_k||, computed as the score is, so a neuron with score == tau dies exactly
+        v = group_norms(g, q)[1] if _feeds_itself(g) else torch.where(w > 0, v * w, v)
+        _shrink_(g, taus[g.name] * unit, v, q)
+    return skipped
+
+
+@torch.no_grad()
+def project_(groups: Groups) -> None:
+    """PathProx's projection: ``w_k /= ||w_k||`` and ``b_k /= ||w_k||`` for every neuron with ``||w_k|| > 0``.
+
+    ``v_k`` is left alone, so the function changes (as any training step does): the radial part of the last gradient
+    step on ``w_k`` is discarded instead of being moved into ``v_k``. On the constraint set ``||w_k|| = 1`` the
+    problem ``min loss + lam R`` is ``min loss + lam sum_k ||v_k||``, whose proximal step is the shrink of
+    :func:`proximal_step_`.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> from lightning_bv import find_neurons
+        >>> net = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 1))
+        >>> project_(find_neurons(net, torch.randn(1, 3)))
+        >>> torch.allclose(net[0].weight.norm(dim=1), torch.ones(4))
+        True
+    """
+    for g in _as_list(groups):
+        a, _ = _unit(group_norms(g, 2)[0])
+        for s in g.w_slots + g.b_slots:
+            s.scale_(a)
+
+
+@torch.no_grad()
+def proximal_step_(
+    groups: Groups,
+    tau: float | Tensor | Mapping[str, float | Tensor],
+    q: int = 2,
+    *,
+    first: bool = False,
+    on_nonfinite: str = "ignore",
+) -> list[str]:
+    """One proximal-gradient step of ``loss + lam R`` after an optimizer step (PathProx), in place.
+
+    ``first=True`` (the first update of a run): :func:`prox_`, so the weights then sit on ``||w_k|| = 1`` with the
+    function unchanged, and a model and any function-preserving rescale of it train identically. Afterwards: the
+    projection of :func:`project_` (``w_k, b_k`` divided by ``||w_k||``, ``v_k`` left alone), then the same shrink
+    as :func:`prox_`: ``v_k <- max(0, 1 - tau_k / ||v_k||) v_k`` (q=2; entry-wise for q=1). When ``||w_k|| = 1``
+    already, the two coincide; unlike ``prox_``, this step never moves growth of ``w_k`` into ``v_k``, where the
+    shrink would charge it less, so ``loss + lam R`` does not rise from it.
+
+    ``tau`` is ``lam`` times the step the optimizer took on ``v_k``: :func:`lightning_bv.prox_thresholds` reads it
+    from the optimizer (``lr``, momentum, Adam's second moments).
+
+    Args:
+        groups: a group or groups.
+        tau: the threshold: a number, or a mapping from group name to a number or a ``[num_neurons]`` tensor.
+        q: norm on each neuron's output weights, 1 or 2.
+        first: apply :func:`prox_` (the first update of a run).
+        on_nonfinite: as in :func:`prox_`.
+
+    Returns:
+        The names of the groups left unchanged because of ``on_nonfinite="skip"``.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> from lightning_bv import find_neurons, prox_thresholds
+        >>> net = nn.Sequential(nn.Linear(2, 8), nn.ReLU(), nn.Linear(8, 1))
+        >>> groups = find_neurons(net, torch.randn(1, 2))
+        >>> opt = torch.optim.Adam(net.parameters(), lr=1e-2)
+        >>> for step in range(3):
+        ...     opt.zero_grad()
+        ...     net(torch.randn(16, 2)).pow(2).mean().backward()
+        ...     opt.step()
+        ...     _ = proximal_step_(groups, prox_thresholds(groups, opt, lam=0.1), first=step == 0)
+        >>> bool(torch.allclose(net[0].weight.norm(dim=1), torch.ones(8)))
+        True
+    """
+    if not isinstance(first, bool):
+        raise TypeError(f"`first` must be a bool (True at the first update of a run), got {first!r}")
+    if first:
+        return prox_(groups, tau, q, on_nonfinite=on_nonfinite)
+    q, on_nonfinite, glist, taus = _begin(groups, tau, q, on_nonfinite)
+    skipped: list[str] = []
+    for g in glist:
+        w, v = group_norms(g, q)
+        if _skip_nonfinite(g, w, v, on_nonfinite):
+            skipped.append(g.name)
+            continue
+        a, unit = _unit(w)
+        for s in g.w_slots + g.b_slots:
+            s.scale_(a)
+        if _feeds_itself(g):
+            v = group_norms(g, q)[1]
+        _shrink_(g, taus[g.name] * unit, v, q)
     return skipped
 
 
