@@ -87,7 +87,8 @@ def test_callbacks_work_with_both_trainers(package):
     assert skips.wrapped == ["net.0"]
     assert lbv.is_skip(module.net[0])
     assert path_norm.groups is not None
-    assert path_norm.groups.names == ["net.0.module+net.0.skip", "net.2", "net.2:rank"]
+    # net.2 is low-rank between two groups: they own its factors, it has no group of its own
+    assert path_norm.groups.names == ["net.0.module+net.0.skip", "net.2"]
     assert "bv/rbv_norm" in t.callback_metrics
     assert len(pruning.history) == 3  # two epochs and the end of fit
     assert pruning.history[0]["neurons_after"] < pruning.history[0]["neurons_before"]
@@ -146,13 +147,13 @@ def test_low_rank_and_prox_under_mixed_precision_match_an_autocast_loop(precisio
     found = lbv.find_neurons(model, torch.randn(1, 4))
     opt = torch.optim.SGD(model.parameters(), lr=lr)
     dtype = torch.bfloat16  # on CPU Lightning runs "16-mixed" as "bf16-mixed" (fp16 autocast is CUDA's), with a warning
-    for x, y in (batches() * 2)[:steps]:
+    for step, (x, y) in enumerate((batches() * 2)[:steps]):
         opt.zero_grad()
         with torch.autocast("cpu", dtype=dtype):
             loss = nn.functional.mse_loss(model(x), y)
         loss.backward()
         opt.step()
-        lbv.prox_(found, lam * lr)
+        lbv.proximal_step_(found, lam * lr, first=step == 0)
 
     low_rank, path_norm = LowRank(rank=2, targets=["net.0", "net.2"]), PathNormRegularization(lam=lam, every_n_steps=1)
     t = trainer(callbacks=[low_rank, path_norm], max_steps=steps, precision=precision)
@@ -211,11 +212,11 @@ def two_heads_by_hand(start: TwoHeads, lam: float, taus: dict[str, float], steps
     model = copy.deepcopy(start)
     found = lbv.find_neurons(model, torch.randn(1, 4))
     opt = model.configure_optimizers()
-    for x, y in (batches() * 2)[:steps]:
+    for step, (x, y) in enumerate((batches() * 2)[:steps]):
         opt.zero_grad()
         nn.functional.mse_loss(model(x), y).backward()
         opt.step()
-        lbv.prox_(found, {name: lam * lr for name, lr in taus.items()})
+        lbv.proximal_step_(found, {name: lam * lr for name, lr in taus.items()}, first=step == 0)
     return model
 
 
@@ -243,6 +244,7 @@ class TwoOptimizers(MLPModule):
         self.automatic_optimization = False
         self.lam = lam
         self.groups: lbv.NeuronGroups | None = None
+        self.started = False
 
     def configure_optimizers(self) -> Any:
         rest = [p for n, p in self.named_parameters() if not n.startswith("net.0.")]
@@ -259,8 +261,9 @@ class TwoOptimizers(MLPModule):
         self.manual_backward(loss)
         first.step()
         rest.step()
-        # the helper the refusal names: prox_ after the steps, tau = lam * the lr of each group's output weights
-        lbv.prox_(self.groups, {"net.0": self.lam * 0.02, "net.2": self.lam * 0.02})
+        # the helpers the refusal names: the proximal step after the steps; both groups' output weights are in `rest`
+        lbv.proximal_step_(self.groups, lbv.prox_thresholds(self.groups, rest, self.lam), first=not self.started)
+        self.started = True
 
 
 def test_manual_optimization_with_two_optimizers_is_refused_with_the_helper_to_use():
@@ -268,7 +271,7 @@ def test_manual_optimization_with_two_optimizers_is_refused_with_the_helper_to_u
         ValueError,
         match=r"PathNormRegularization does not support manual optimization \(automatic_optimization=False\): there "
         r"is no optimizer step hook to attach to\. In your training_step, after each optimizer\.step\(\), call "
-        r"lightning_bv\.prox_\(groups, lam \* lr\)",
+        r"lightning_bv\.proximal_step_\(groups, lightning_bv\.prox_thresholds\(groups, optimizer, lam\), first=",
     ):
         trainer(callbacks=[PathNormRegularization(lam=0.1)], max_steps=1).fit(TwoOptimizers())
     torch.manual_seed(0)

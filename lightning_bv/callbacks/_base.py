@@ -92,7 +92,8 @@ def refuse_unsupported(trainer: Any, pl_module: Any, who: str) -> None:
         raise ValueError(
             f"{who} does not support manual optimization (automatic_optimization=False): there is no optimizer step "
             f"hook to attach to. In your training_step, after each optimizer.step(), call "
-            f"lightning_bv.prox_(groups, lam * lr) (or add_rbv_grad_(groups, lam) before it)."
+            f"lightning_bv.proximal_step_(groups, lightning_bv.prox_thresholds(groups, optimizer, lam), first=<True at "
+            f"the first update>) (or add_rbv_grad_(groups, lam) before it)."
         )
 
 

@@ -71,6 +71,8 @@ class LowRank(CallbackBase):
         ValueError: `rank` must be an int >= 1, got 0
     """
 
+    changes_model_in_setup = True  # PathNormRegularization runs this setup first when listed after it
+
     def __init__(
         self,
         rank: int | None = None,

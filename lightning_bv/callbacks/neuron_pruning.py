@@ -172,8 +172,13 @@ class NeuronPruning(CallbackBase):
         return state
 
     # -- compaction ------------------------------------------------------------------------------------------
-    def compact(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> CompactionReport | None:
+    def compact(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, merge_lifted: bool = False
+    ) -> CompactionReport | None:
         """Compact ``pl_module`` now: shrink it, carry the optimizers over, update other callbacks' groups.
+
+        ``merge_lifted``: also merge products ``A B`` lifted by ``PathNormRegularization`` back into one dense weight
+        where that is smaller (at the end of fit; mid-fit they stay, so that training goes on unchanged).
 
         Returns:
             The report, also kept in :attr:`report` (without ``param_map``, so old Parameters are not kept alive);
@@ -185,8 +190,8 @@ class NeuronPruning(CallbackBase):
                 "given), so nothing was compacted"
             )
             return None
-        report = compact(pl_module, self.groups, tol=self.tol)
-        if report.param_map:
+        report = compact(pl_module, self.groups, tol=self.tol, merge_lifted=merge_lifted)
+        if report.param_map or report.merged:
             for optimizer in trainer.optimizers:
                 slice_optimizer_state_(optimizer, report.param_map)
             for cb in trainer.callbacks:  # type: ignore[attr-defined]
@@ -228,7 +233,7 @@ class NeuronPruning(CallbackBase):
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not self.at_fit_end:
             return
-        report = self.compact(trainer, pl_module)
+        report = self.compact(trainer, pl_module, merge_lifted=True)
         if report is not None and trainer.is_global_zero:  # pl_module.log is not allowed in on_fit_end
             for logger in trainer.loggers:
                 logger.log_metrics(self._metrics(report), step=trainer.global_step)

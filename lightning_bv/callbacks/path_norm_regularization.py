@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import pytorch_lightning as pl
@@ -14,16 +14,26 @@ from torch import Tensor
 from typing_extensions import override
 
 from lightning_bv._select import Targets, _check_targets
-from lightning_bv.callbacks._base import CallbackBase, _check_example_input, _check_interval, refuse_unsupported
+from lightning_bv.callbacks._base import (
+    CallbackBase,
+    _check_example_input,
+    _check_interval,
+    configure_model_first,
+    refuse_unsupported,
+    warn_if_spawned,
+)
 from lightning_bv.callbacks._discovery import GroupDiscovery
+from lightning_bv.callbacks._first_step import run_first_training_step
 from lightning_bv.functional.rbv import (
     NonFiniteWeightsError,
     add_rbv_grad_,
     add_weight_decay_grad_,
     group_norms,
-    prox_,
+    proximal_step_,
 )
-from lightning_bv.neurons import NeuronGroup, NeuronGroups, find_neurons
+from lightning_bv.functional.thresholds import optimizer_kind, prox_thresholds
+from lightning_bv.neurons import NeuronGroups, find_neurons
+from lightning_bv.transforms.lift import LiftReport, lift_shared_weights
 
 MODES = ("prox", "penalty", "weight_decay")
 ON_NONFINITE = ("raise", "skip")
@@ -39,9 +49,12 @@ class PathNormRegularization(CallbackBase):
     from ``example_input`` / the module's ``example_input_array`` when given.
 
     Modes:
-        * ``"prox"`` (default): after each optimizer step, a function-preserving normalize then the proximal
-          shrink of ``tau * R`` with ``tau = lam * lr`` of the optimizer's parameter group holding the neurons'
-          output weights. Unneeded neurons become exactly zero (see :func:`lightning_bv.compact`).
+        * ``"prox"`` (default): after each optimizer step, PathProx's proximal step
+          (:func:`lightning_bv.proximal_step_`): every neuron's input weights and bias are divided by ``||w_k||``
+          (at the first update, the function-preserving normalize of :func:`lightning_bv.prox_` instead), then its
+          output weights are soft-thresholded by ``tau_k``, ``lam`` times the step the optimizer took on them
+          (:meth:`thresholds`: ``lr``, with SGD's momentum factor, or Adam's second moments). Unneeded neurons
+          become exactly zero (see :func:`lightning_bv.compact`); ``lam`` means the same with SGD and Adam.
         * ``"penalty"``: adds ``lam * grad R`` to the gradients in ``on_before_optimizer_step`` (after DDP
           averaging, accumulation and AMP unscaling; before gradient clipping, so it is clipped with the rest).
         * ``"weight_decay"``: adds the gradient of ``lam/2 * sum(||v||^2 + ||w||^2)`` over the grouped weights
@@ -50,8 +63,19 @@ class PathNormRegularization(CallbackBase):
     Set-ups: works with ``pytorch_lightning`` and ``lightning`` Trainers, DDP (every rank applies the same update
     to its replica), gradient accumulation, mixed precision, several parameter groups, and modules compiled with
     ``torch.compile`` (the discovery step runs them eagerly; the groups are named under ``<module>._orig_mod``).
-    Refused at ``setup``: manual optimization (call :func:`lightning_bv.prox_` after your ``optimizer.step()``
-    instead) and sharded strategies (FSDP, DeepSpeed), which split the weight rows this reads.
+    Refused at ``setup``: manual optimization (call :func:`lightning_bv.proximal_step_` after your
+    ``optimizer.step()`` instead) and sharded strategies (FSDP, DeepSpeed), which split the weight rows this reads.
+
+    Plain chains (``prox`` mode): a weight that is one group's output weights and the next group's input weights (the
+    hidden matrix of Linear-ReLU-Linear-ReLU, VGG without BatchNorm, AlexNet) is written as a full-rank product
+    ``A B`` in ``setup`` (:func:`lightning_bv.lift_shared_weights`: same function, before Lightning builds the
+    optimizer), so each group owns its weights and gets the exact step. That needs the groups at ``setup``: from
+    ``example_input``, the module's ``example_input_array``, or else one run of ``training_step`` on the first batch
+    of the fit's train dataloader (logging muted, nothing changed). :attr:`lift_report` says what was lifted;
+    :func:`lightning_bv.compact` and :class:`NeuronPruning` merge the products back at the end when that is smaller.
+    Callbacks that change the model in ``setup`` (:class:`LowRank`, :class:`SkipConnections`) and come later in the
+    list run their ``setup`` first, so the groups are those of the final model. A layer made low-rank explicitly
+    between two groups is read the same way at its own rank (not lifted again).
 
     Args:
         lam: regularization strength ``>= 0``, or a callable of the global step returning it (use a picklable
@@ -76,6 +100,8 @@ class PathNormRegularization(CallbackBase):
             training step.
         log_every_n_steps: how often ``bv/rbv_norm``, ``bv/active_neurons`` and ``bv/active_fraction`` are
             computed and logged (None: the Trainer's ``log_every_n_steps``).
+        lift_shared: write weights shared by two groups as a product ``A B`` at ``setup`` (see above). None
+            (default): on in ``"prox"`` mode, off in the gradient modes.
         on_nonfinite: what to do when a group's weights are NaN or infinite (checked on the norms each update
             computes anyway, before the group is changed): ``"raise"`` stops the fit with a
             :class:`~lightning_bv.functional.rbv.NonFiniteWeightsError` (a ``FloatingPointError``) naming the group
@@ -99,6 +125,7 @@ class PathNormRegularization(CallbackBase):
         example_input: Tensor | tuple[Any, ...] | None = None,
         log_every_n_steps: int | None = None,
         on_nonfinite: str = "raise",
+        lift_shared: bool | None = None,
     ) -> None:
         if not callable(lam) and (
             isinstance(lam, bool) or not isinstance(lam, (int, float)) or not math.isfinite(lam) or lam < 0
@@ -115,6 +142,11 @@ class PathNormRegularization(CallbackBase):
                 f"`on_nonfinite` must be one of {ON_NONFINITE} (stop, or skip the update of a group whose weights are "
                 f"NaN or infinite), got {on_nonfinite!r}"
             )
+        if lift_shared is not None and not isinstance(lift_shared, bool):
+            raise TypeError(
+                f"`lift_shared` must be None (on for mode='prox'), True or False, got {type(lift_shared).__name__} "
+                f"{lift_shared!r}"
+            )
         _check_example_input(example_input)
         _check_targets("targets", targets)
         _check_targets("exclude", exclude)
@@ -128,11 +160,15 @@ class PathNormRegularization(CallbackBase):
         self.log_every_n_steps = log_every_n_steps
         self.on_nonfinite = on_nonfinite
         self.nonfinite_skips = 0  # group updates skipped with on_nonfinite="skip", this fit
+        self.lift_shared = lift_shared
+        self.lift_report: LiftReport | None = None
         self.groups: NeuronGroups | None = None
         self._discovery = GroupDiscovery(targets, exclude)
         self._steps = 0  # optimizer steps seen; saved in checkpoints
         self._since = 0  # optimizer steps since the last update (the strength it owes); saved in checkpoints
-        self._pending_taus: dict[str, float] | None = None
+        self._started = False  # whether the first proximal update (prox_, function-preserving) was applied
+        self._pending: tuple[float, Any, list[float]] | None = None  # (lam owed, optimizer, lr of each param group)
+        self._warned: set[str] = set()
 
     @property
     @override
@@ -156,17 +192,65 @@ class PathNormRegularization(CallbackBase):
                 f"Skipped: {why}"
             )
 
+    @property
+    def lifts(self) -> bool:
+        """Whether weights shared by two groups are lifted to ``A B`` at ``setup`` (``lift_shared``, by mode)."""
+        return self.lift_shared if self.lift_shared is not None else self.mode == "prox"
+
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        refuse_unsupported(trainer, pl_module, type(self).__name__)
+        who = type(self).__name__
+        refuse_unsupported(trainer, pl_module, who)
         self.nonfinite_skips = 0
+        if self.groups is not None:
+            return
         example = self.example_input
         if example is None:
             example = getattr(pl_module, "example_input_array", None)
-        if self.groups is None and example is not None:
-            self._found(find_neurons(pl_module, example, targets=self.targets, exclude=self.exclude))
+        if example is None and not self.lifts:
+            return  # found on the first training step
+        mine = next((i for i, c in enumerate(trainer.callbacks) if c is self), len(trainer.callbacks))
+        for later in trainer.callbacks[mine + 1 :]:  # their surgery first: the groups are those of the final model
+            if getattr(later, "changes_model_in_setup", False):
+                later.setup(trainer, pl_module, stage)
+        configure_model_first(trainer, pl_module, who)
+        if example is not None:
+            groups = find_neurons(pl_module, example, targets=self.targets, exclude=self.exclude)
+        else:
+            self._discovery.start(pl_module)
+            try:
+                why = run_first_training_step(trainer, pl_module)
+            except BaseException:
+                self._discovery.abort()
+                raise
+            if why:
+                self._discovery.abort()
+                rank_zero_warn(
+                    f"{who} could not find the neuron groups at setup: {why}. They are found on the first training "
+                    "step instead, too late to lift weights shared by two groups (a plain chain's hidden matrices "
+                    "stay shared, and its neurons die less readily). Pass `example_input=` or set the module's "
+                    "`example_input_array`."
+                )
+                return
+            groups = self._discovery.finish(pl_module)
+            assert groups is not None
+        if self.lifts and len(groups):
+            self.lift_report = lift_shared_weights(pl_module, groups)
+            if self.lift_report.lifted:
+                warn_if_spawned(trainer, who)
+            if self.lift_report.skipped:
+                rank_zero_warn(f"{who}: {self.lift_report}")
+        self._found(groups)
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Groups found at ``setup`` are found again if restoring a checkpoint resized the model since."""
+        if self.groups is not None and any(
+            s.tensor().shape[0] != g.num_neurons for g in self.groups for s in g.w_slots
+        ):
+            self.groups = None
 
     @override
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, idx: int) -> None:
@@ -198,16 +282,55 @@ class PathNormRegularization(CallbackBase):
         self._since = 0
         return lam
 
-    def _taus(self, lam: float, optimizers: list[Any]) -> dict[str, float]:
-        """Prox thresholds ``lam * lr``, with the lr of the parameter group holding each group's output weights."""
-        assert self.groups is not None
-        lrs = {id(p): float(g["lr"]) for opt in optimizers for g in opt.param_groups for p in g["params"]}
-        return {g.name: lam * lrs.get(id(self._lr_param(g)), 0.0) for g in self.groups}
+    def thresholds(self, optimizer: Any, lam: float, lrs: list[float]) -> Mapping[str, float | Tensor]:
+        """The proximal threshold of every neuron: ``lam`` times the step ``optimizer`` took on its output weights.
 
-    def _prox(self, trainer: pl.Trainer, taus: dict[str, float]) -> None:
+        Called right after the optimizer step, with ``lam`` owed since the last update and the learning rate of each
+        of the optimizer's parameter groups at that step (a scheduler may have moved on since). The default is
+        :func:`lightning_bv.prox_thresholds` (SGD with momentum, dampening and Nesterov; Adam, AdamW, RMSprop,
+        Adagrad; ``lam * lr`` for other optimizers, with a warning). Override it to give the step of another
+        optimizer: return ``{group name: float or tensor of shape [num_neurons]}``.
+        """
         assert self.groups is not None
+        return prox_thresholds(self.groups, optimizer, lam, lrs=lrs)
+
+    def _check_optimizer(self, optimizer: Any) -> None:
+        """Warn once about an optimizer the thresholds do not know, and about weight decay on grouped weights."""
+        opt = getattr(optimizer, "optimizer", optimizer)
+        name = type(opt).__name__
+        if optimizer_kind(opt) is None and type(self).thresholds is PathNormRegularization.thresholds:
+            if name not in self._warned:
+                self._warned.add(name)
+                rank_zero_warn(
+                    f"{type(self).__name__} does not know the step size of optimizer {name}; its proximal threshold is "
+                    "lam * lr, which is right for plain SGD only. Override `thresholds` to give it the optimizer's "
+                    "step (see lightning_bv.prox_thresholds)."
+                )
+        assert self.groups is not None
+        grouped = {id(p) for g in self.groups for p in g.parameters()}
+        decayed = [i for i, pg in enumerate(opt.param_groups) if pg.get("weight_decay", 0) and any(
+            id(p) in grouped for p in pg["params"])]  # fmt: skip
+        if decayed and "weight_decay" not in self._warned:
+            self._warned.add("weight_decay")
+            wd = opt.param_groups[decayed[0]]["weight_decay"]
+            rank_zero_warn(
+                f"{type(self).__name__}: the optimizer {name} has weight_decay={wd} on the neuron groups' weights "
+                f"(parameter group(s) {decayed}), which regularizes them a second time. Set weight_decay=0 for those "
+                "parameters (AdamW's default is 0.01)."
+            )
+
+    def _prox(self, trainer: pl.Trainer, lam: float, optimizer: Any, lrs: list[float]) -> None:
+        assert self.groups is not None
+        self._check_optimizer(optimizer)
+        taus = self.thresholds(optimizer, lam, lrs)
         with self._nonfinite(trainer) as skipped:
-            skipped += prox_(self.groups, taus, self.q, on_nonfinite=self.on_nonfinite)
+            skipped += proximal_step_(self.groups, taus, self.q, first=not self._started, on_nonfinite=self.on_nonfinite)
+        self._started = True
+
+    @staticmethod
+    def _lrs(optimizer: Any) -> list[float]:
+        opt = getattr(optimizer, "optimizer", optimizer)
+        return [float(pg["lr"]) for pg in opt.param_groups]
 
     @override
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
@@ -223,22 +346,16 @@ class PathNormRegularization(CallbackBase):
         elif self.mode == "weight_decay":
             with self._nonfinite(trainer) as skipped:
                 skipped += add_weight_decay_grad_(self.groups, lam, on_nonfinite=self.on_nonfinite)
-        else:  # the lr used by this step (schedulers step before on_train_batch_end)
-            self._pending_taus = self._taus(lam, [optimizer])
-
-    @staticmethod
-    def _lr_param(group: NeuronGroup) -> Tensor:
-        slot = next(s for s in group.v_slots if s.regularized)
-        f = slot._lowrank()
-        return f[1] if f is not None else slot.tensor()
+        else:  # after the step (adaptive optimizers' moments include it), with the lr it used
+            self._pending = (lam, optimizer, self._lrs(optimizer))
 
     @override
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        if self._pending_taus is not None and self.groups:
-            taus, self._pending_taus = self._pending_taus, None
-            self._prox(trainer, taus)
+        if self._pending is not None and self.groups:
+            (lam, optimizer, lrs), self._pending = self._pending, None
+            self._prox(trainer, lam, optimizer, lrs)
         every = self.log_every_n_steps or getattr(trainer, "log_every_n_steps", 50)
         if self.groups is not None and every and trainer.global_step % every == 0:
             self._log(pl_module)
@@ -268,7 +385,8 @@ class PathNormRegularization(CallbackBase):
         """A fit that stopped between lazy updates (``max_time``, ``should_stop``) gets its pending prox."""
         if self.mode != "prox" or not self.groups or self._since == 0 or not trainer.optimizers:
             return
-        self._prox(trainer, self._taus(self._owed_lam(trainer), trainer.optimizers))
+        optimizer = trainer.optimizers[0]
+        self._prox(trainer, self._owed_lam(trainer), optimizer, self._lrs(optimizer))
 
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -281,23 +399,29 @@ class PathNormRegularization(CallbackBase):
     @torch.no_grad()
     def _log(self, pl_module: pl.LightningModule) -> None:
         assert self.groups is not None
-        total, active, count = 0.0, 0, 0
+        total, active, count, components = 0.0, 0, 0, 0
         for g in self.groups:
             w, v = group_norms(g, self.q)
             s = w * v
             total += float(s.sum())
+            if g.activation == "identity":  # rank components of a low-rank layer: not neurons
+                components += int((s > 0).sum())
+                continue
             active += int((s > 0).sum())
             count += g.num_neurons
         pl_module.log("bv/rbv_norm", total, prog_bar=True, on_step=True, on_epoch=False)
         pl_module.log("bv/active_neurons", float(active), prog_bar=True, on_step=True, on_epoch=False)
         pl_module.log("bv/active_fraction", active / max(count, 1), on_step=True, on_epoch=False)
+        if any(g.activation == "identity" for g in self.groups):
+            pl_module.log("bv/active_rank_components", float(components), on_step=True, on_epoch=False)
 
     # -- checkpointing ---------------------------------------------------------------------------------------
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {"steps": self._steps, "since": self._since, "mode": self.mode, "q": self.q}
+        return {"steps": self._steps, "since": self._since, "mode": self.mode, "q": self.q, "started": self._started}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._steps = int(state_dict.get("steps", 0))
         self._since = int(state_dict.get("since", self._steps % self.every_n_steps))
+        self._started = bool(state_dict.get("started", self._steps > 0))

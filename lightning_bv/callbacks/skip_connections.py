@@ -52,6 +52,8 @@ class SkipConnections(CallbackBase):
         ValueError: `kind` must be one of ('affine', 'identity'), got 'residual'
     """
 
+    changes_model_in_setup = True  # PathNormRegularization runs this setup first when listed after it
+
     def __init__(
         self,
         targets: str | Sequence[str],

@@ -18,10 +18,12 @@ def manual_run(module, mode, lam, steps, lr, q=2, accumulate=1):
     """The same training as Lightning's, written out in plain PyTorch with the library's functions."""
     model = copy.deepcopy(module.net)
     groups = lbv.find_neurons(model, torch.randn(2, module.hparams.d))
+    if mode == "prox":  # the callback lifts the chain's shared hidden matrix to A B before the optimizer exists
+        assert lbv.lift_shared_weights(model, groups).lifted == ["2"]
     opt = torch.optim.SGD(model.parameters(), lr=lr)
     batches = list(DataLoader(regression_data(module.hparams.n, module.hparams.d), batch_size=16))
     it = iter(batches * 10)
-    for _ in range(steps):
+    for step in range(steps):
         opt.zero_grad()
         for _ in range(accumulate):
             x, y = next(it)
@@ -31,8 +33,8 @@ def manual_run(module, mode, lam, steps, lr, q=2, accumulate=1):
         elif mode == "weight_decay":
             (lam * lbv.neuron_weight_decay(groups, 2)).backward()
         opt.step()
-        if mode == "prox":
-            lbv.prox_(groups, lam * lr, q)
+        if mode == "prox":  # prox_ at the first update, PathProx's projection and shrink afterwards
+            lbv.proximal_step_(groups, lbv.prox_thresholds(groups, opt, lam), q, first=step == 0)
     return model
 
 
@@ -240,12 +242,13 @@ class StopsAt(MLPModule):
 
 
 def test_a_fit_stopped_between_lazy_updates_gets_its_pending_prox(monkeypatch):
-    calls = _record_strengths(monkeypatch, "prox_")
+    calls = _record_strengths(monkeypatch, "proximal_step_")
     cb = PathNormRegularization(lam=0.1, every_n_steps=8)
     module = StopsAt(6, lr=0.05)
     trainer(callbacks=[cb], max_steps=100).fit(module)
-    # step 4 closes epoch 1 (4 steps owed), steps 5 and 6 are owed when should_stop ends the fit: on_train_end
-    assert calls == pytest.approx([4 * 0.1 * 0.05, 2 * 0.1 * 0.05])
+    # step 4 closes epoch 1 (4 steps owed), steps 5 and 6 are owed when should_stop ends the fit: on_train_end;
+    # tau = lam * lr / (1 - momentum) for SGD's heavy ball with momentum 0.9
+    assert calls == pytest.approx([4 * 0.1 * 0.05 / 0.1, 2 * 0.1 * 0.05 / 0.1])
     assert cb._since == 0
     assert cb._steps == 6
 
