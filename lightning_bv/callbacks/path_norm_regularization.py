@@ -237,7 +237,7 @@ class PathNormRegularization(CallbackBase):
             groups = self._discovery.finish(pl_module)
             assert groups is not None
         if self.lifts and len(groups):
-            self.lift_report = lift_shared_weights(pl_module, groups)
+            self.lift_report = lift_shared_weights(pl_module, groups, normalize=True)
             if self.lift_report.lifted:
                 warn_if_spawned(trainer, who)
             if self.lift_report.skipped:

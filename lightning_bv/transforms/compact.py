@@ -268,7 +268,7 @@ def compact(
 def _merge_lifted(model: nn.Module) -> tuple[list[str], list[nn.Module]]:
     """Merge every lifted ``A B`` whose dense product is no larger back into one weight; names and modules merged."""
     names, modules = [], []
-    for name, m in model.named_modules():
+    for name, m in list(model.named_modules()):
         factors = low_rank_factors(m) if is_lifted(m) else None
         if factors is None or factors[0].numel() + factors[1].numel() < cast(Tensor, m.weight).numel():
             continue

@@ -39,6 +39,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
+from lightning_bv.functional.rbv import prox_
 from lightning_bv.neurons import NeuronGroup, NeuronGroups, find_neurons, low_rank_factors, own_factors, shared_weights
 from lightning_bv.transforms.low_rank import LowRankWeight, _apply_ranks, _plist
 
@@ -90,6 +91,8 @@ def lift_shared_weights(
     model: nn.Module,
     groups: Iterable[NeuronGroup] | None = None,
     example_input: Tensor | tuple[Any, ...] | None = None,
+    *,
+    normalize: bool = False,
 ) -> LiftReport:
     """Write every weight shared by two neuron groups as a full-rank product ``A B`` (same function), in place.
 
@@ -103,6 +106,10 @@ def lift_shared_weights(
         model: the model.
         groups: its neuron groups (:func:`~lightning_bv.find_neurons`); found with ``example_input`` when None.
         example_input: an input for :func:`~lightning_bv.find_neurons`, when ``groups`` is not given.
+        normalize: first apply the function-preserving normalize of :func:`~lightning_bv.prox_` (``tau=0``) to
+            all groups, in order, when there is something to lift. The shared matrices are then the same for a model
+            and any per-neuron positive rescale of it, and so are their factors: the two train identically (the
+            ``PathNormRegularization`` callback does this).
 
     Returns:
         LiftReport: the layers lifted (with their ranks) and those skipped, with why.
@@ -116,6 +123,8 @@ def lift_shared_weights(
                 "x)` or `example_input=x`"
             )
         groups = find_neurons(model, example_input)
+    if not isinstance(normalize, bool):
+        raise TypeError(f"`normalize` must be a bool, got {normalize!r}")
     glist = list(groups)
     aliases: dict[int, list[str]] = {}
     for name, m in model.named_modules(remove_duplicate=False):
@@ -131,6 +140,8 @@ def lift_shared_weights(
             continue
         weight = cast(Tensor, cast(Any, module).weight)
         ranks[name] = min(int(weight.shape[0]), weight[0].numel())
+    if normalize and ranks:
+        prox_(glist, 0.0)
     _apply_ranks(cast(dict[str, nn.Module], modules), ranks)
     for name in ranks:
         for p in _plist(modules[name]):

@@ -215,10 +215,29 @@ def remove_low_rank(model: nn.Module, merge: bool = True) -> nn.Module:
         return factorize(model)
     for module in list(model.modules()):
         if is_low_rank(module):
-            parametrize.remove_parametrizations(module, "weight", leave_parametrized=True)
-            for key in [k for k in module._parameters if k != "weight"]:  # weight first again, as in a fresh layer
-                module._parameters[key] = module._parameters.pop(key)
+            _merge_factors_(module)
     return model
+
+
+def _merge_factors_(module: Any) -> None:
+    """Replace the low-rank parametrization of ``module.weight`` by one Parameter holding ``U @ V``.
+
+    Not ``parametrize.remove_parametrizations``: it deletes the ``weight`` property from the module's class, which a
+    ``copy.deepcopy`` of the module shares, so the copy would lose its weight.
+    """
+    factors = low_rank_factors(module)
+    assert factors is not None
+    with torch.no_grad():
+        dense = module.weight.detach().clone()
+    requires_grad = any(f.requires_grad for f in factors)
+    bias = module._parameters.pop("bias", None) if "bias" in module._parameters else None
+    has_bias = "bias" in module._parameters or bias is not None
+    cls = parametrize.type_before_parametrizations(module)
+    del module._modules["parametrizations"]
+    module.__class__ = cls
+    module.weight = nn.Parameter(dense, requires_grad=requires_grad)
+    if has_bias:  # weight first, as in a fresh layer
+        module._parameters["bias"] = bias
 
 
 def factorize(model: nn.Module) -> nn.Module:

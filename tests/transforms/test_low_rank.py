@@ -414,3 +414,14 @@ def test_parametrization_internals_are_not_targets():
     apply_low_rank(model, rank=2, targets=["2"])
     apply_low_rank(model, rank=2, targets=["0"])  # "2.parametrizations.weight.0" must not match "0"
     assert [is_low_rank(m) for m in model] == [True, False, True, False, False]
+
+
+def test_remove_low_rank_leaves_a_deepcopy_working():
+    """parametrize.remove_parametrizations deletes the weight property from a class that a deepcopy shares."""
+    layer = apply_low_rank(nn.Linear(6, 5), rank=2)
+    twin = copy.deepcopy(layer)
+    x = torch.randn(3, 6)
+    y = twin(x)
+    remove_low_rank(layer)
+    assert torch.equal(twin(x), y)
+    assert list(dict(layer.named_parameters())) == ["weight", "bias"]
