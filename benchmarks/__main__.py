@@ -36,7 +36,7 @@ BENCHMARKS: dict[str, tuple[str, list[str]]] = {
     "compaction": ("forward time and parameters of a compacted MLP / the original", ["--repeats", "5"]),
     "sparsity": ("sparsity against accuracy: PathNormRegularization, AdamW weight decay, ModelPruning", ["--quick"]),
     "convergence": ("objective loss + lam * R against steps: prox vs weight decay", ["--quick"]),
-    "theory_checks": ("the checks of THEORY.md", ["--quick"]),
+    "theory_checks": ("the checks of docs/theory.md", ["--quick"]),
 }
 
 

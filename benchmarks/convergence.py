@@ -1,6 +1,6 @@
 """Convergence of the objective loss + lam * R: mode="prox" against mode="weight_decay" (and "penalty"), with SGD.
 
-The PathProx claim (THEORY.md section 4): in the interpolation regime, where the training loss goes to near zero,
+The PathProx claim (docs/theory.md section 4): in the interpolation regime, where the training loss goes to near zero,
 the proximal step reaches a given value of the objective in fewer steps than weight decay. Setting: the first 1000
 training points of ``DigitsData`` (standardized), MLP 64 -> 256 -> 10 (one hidden layer: no weight matrix is shared
 between neuron groups, so R is exact), cross-entropy, plain SGD (no momentum) with batches of 100 and the same

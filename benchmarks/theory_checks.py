@@ -1,8 +1,8 @@
-"""Checks that lightning_bv does what THEORY.md says, each printed with its numbers (tests/test_theory.py runs them).
+"""Checks that lightning_bv does what docs/theory.md says, each shown with its numbers (tests/test_theory.py runs them).
 
 (a) 1-D: a shallow ReLU net fit with ``PathNormRegularization(mode="prox")`` is a linear spline with at most N - 2
     knots for N points (the representer theorem), and TV(f') measured on the function equals ``rbv_norm`` after
-    ``balance_`` (knots merged when equal; THEORY.md section 2).
+    ``balance_`` (knots merged when equal; docs/theory.md section 2).
 (b) After ``balance_``, the neuron weight decay ``1/2 sum_k (||v_k||^2 + ||w_k||^2)`` equals R (section 3), on a
     trained ``RBVNet`` (no weight matrix shared between two groups).
 (c) In a trained ``RBVNet``, the map between two ReLU layers, ``W_{l+1} V_l``, has rank <= bottleneck (section 5).

@@ -1,6 +1,6 @@
 """Neuron groups: which weights belong to which ReLU neuron, found in any ``nn.Module``.
 
-A :class:`NeuronGroup` is one set of neurons z -> s(W z - b) read by some consumers (THEORY.md section 1). It
+A :class:`NeuronGroup` is one set of neurons z -> s(W z - b) read by some consumers (docs/theory.md section 1). It
 records *slots*: where each neuron's input weights ``w_k`` (rows of the producer, or the BatchNorm gamma), its bias
 and its output weights ``v_k`` (columns of every consumer) live. Slots hold the modules themselves and read
 ``module.weight`` at call time, so a group stays valid after a low-rank parametrization and under DDP.
@@ -104,7 +104,8 @@ class Slot:
                 raise ValueError(f"slot {self!r}: '{self.module_name}' is no longer low-rank")
             if self.dim == 0:
                 return f[0]
-            shape = _resolve(self.module, "parametrizations.weight")[0].weight_shape
+            plist: Any = self.module.parametrizations["weight"]  # type: ignore[index]
+            shape = plist[0].weight_shape  # the product's shape, without computing the product
             return f[1].view(f[1].shape[0], *shape[1:])
         return _resolve(self.module, self.param)
 

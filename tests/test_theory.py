@@ -1,4 +1,4 @@
-"""The checks of THEORY.md, run by ``benchmarks/theory_checks.py`` (which prints them), on smaller fits.
+"""The checks of docs/theory.md, run by ``benchmarks/theory_checks.py`` (which prints them), on smaller fits.
 
 Smaller than the script in one way each, stated where it matters: the 1-D fit has 64 neurons, lam 0.1 and 1500 steps
 (the script: 256, 0.03, 3000); the RBVNets train 1000 steps; the teacher-student fit runs 100 epochs (the script:

@@ -63,7 +63,7 @@ def _muted_logging(pl_module: Any) -> Iterator[None]:
 
 
 def first_train_batch(trainer: Any, pl_module: Any) -> tuple[Any, str]:
-    """``(batch, "")``: the first batch of the fit's train dataloader, on the module's device; ``(None, why)`` if none."""
+    """``(batch, "")``: the fit's first train batch, on the module's device; ``(None, why)`` when there is none."""
     source = getattr(getattr(trainer, "fit_loop", None), "_data_source", None)
     if source is None or not source.is_defined():
         return None, "the fit has no train dataloader yet"

@@ -43,7 +43,7 @@ DEFAULT_EVERY_N_STEPS = {"prox": 1, "penalty": 8, "weight_decay": 8}
 
 
 class PathNormRegularization(CallbackBase):
-    r"""Regularize every ReLU neuron the library finds with the R-BV^2 seminorm (THEORY.md sections 2-4).
+    r"""Regularize every ReLU neuron the library finds with the R-BV^2 seminorm (docs/theory.md sections 2-4).
 
     The groups are discovered from the first real training step (no example input, no change to the model), or
     from ``example_input`` / the module's ``example_input_array`` when given.
@@ -58,7 +58,7 @@ class PathNormRegularization(CallbackBase):
         * ``"penalty"``: adds ``lam * grad R`` to the gradients in ``on_before_optimizer_step`` (after DDP
           averaging, accumulation and AMP unscaling; before gradient clipping, so it is clipped with the rest).
         * ``"weight_decay"``: adds the gradient of ``lam/2 * sum(||v||^2 + ||w||^2)`` over the grouped weights
-          only (biases and everything else untouched); equal to ``R`` at balance (THEORY.md section 3).
+          only (biases and everything else untouched); equal to ``R`` at balance (docs/theory.md section 3).
 
     Set-ups: works with ``pytorch_lightning`` and ``lightning`` Trainers, DDP (every rank applies the same update
     to its replica), gradient accumulation, mixed precision, several parameter groups, and modules compiled with
@@ -211,8 +211,9 @@ class PathNormRegularization(CallbackBase):
             example = getattr(pl_module, "example_input_array", None)
         if example is None and not self.lifts:
             return  # found on the first training step
-        mine = next((i for i, c in enumerate(trainer.callbacks) if c is self), len(trainer.callbacks))
-        for later in trainer.callbacks[mine + 1 :]:  # their surgery first: the groups are those of the final model
+        callbacks: list[Any] = getattr(trainer, "callbacks", [])
+        mine = next((i for i, c in enumerate(callbacks) if c is self), len(callbacks))
+        for later in callbacks[mine + 1 :]:  # their surgery first: the groups are those of the final model
             if getattr(later, "changes_model_in_setup", False):
                 later.setup(trainer, pl_module, stage)
         configure_model_first(trainer, pl_module, who)
@@ -234,8 +235,9 @@ class PathNormRegularization(CallbackBase):
                     "`example_input_array`."
                 )
                 return
-            groups = self._discovery.finish(pl_module)
-            assert groups is not None
+            found = self._discovery.finish(pl_module)
+            assert found is not None
+            groups = found
         if self.lifts and len(groups):
             self.lift_report = lift_shared_weights(pl_module, groups, normalize=True)
             if self.lift_report.lifted:
@@ -298,14 +300,14 @@ class PathNormRegularization(CallbackBase):
         """Warn once about an optimizer the thresholds do not know, and about weight decay on grouped weights."""
         opt = getattr(optimizer, "optimizer", optimizer)
         name = type(opt).__name__
-        if optimizer_kind(opt) is None and type(self).thresholds is PathNormRegularization.thresholds:
-            if name not in self._warned:
-                self._warned.add(name)
-                rank_zero_warn(
-                    f"{type(self).__name__} does not know the step size of optimizer {name}; its proximal threshold is "
-                    "lam * lr, which is right for plain SGD only. Override `thresholds` to give it the optimizer's "
-                    "step (see lightning_bv.prox_thresholds)."
-                )
+        default = type(self).thresholds is PathNormRegularization.thresholds
+        if optimizer_kind(opt) is None and default and name not in self._warned:
+            self._warned.add(name)
+            rank_zero_warn(
+                f"{type(self).__name__} does not know the step size of optimizer {name}; its proximal threshold is "
+                "lam * lr, which is right for plain SGD only. Override `thresholds` to give it the optimizer's "
+                "step (see lightning_bv.prox_thresholds)."
+            )
         assert self.groups is not None
         grouped = {id(p) for g in self.groups for p in g.parameters()}
         decayed = [i for i, pg in enumerate(opt.param_groups) if pg.get("weight_decay", 0) and any(
@@ -324,7 +326,9 @@ class PathNormRegularization(CallbackBase):
         self._check_optimizer(optimizer)
         taus = self.thresholds(optimizer, lam, lrs)
         with self._nonfinite(trainer) as skipped:
-            skipped += proximal_step_(self.groups, taus, self.q, first=not self._started, on_nonfinite=self.on_nonfinite)
+            skipped += proximal_step_(
+                self.groups, taus, self.q, first=not self._started, on_nonfinite=self.on_nonfinite
+            )
         self._started = True
 
     @staticmethod

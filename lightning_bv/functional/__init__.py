@@ -14,8 +14,8 @@ from lightning_bv.functional.rbv import (
     proximal_step_,
     rbv_norm,
 )
-from lightning_bv.functional.thresholds import prox_thresholds
 from lightning_bv.functional.spectral import Spectrum, effective_rank, singular_values, spectrum, stable_rank
+from lightning_bv.functional.thresholds import prox_thresholds
 
 __all__ = [
     "Spectrum",

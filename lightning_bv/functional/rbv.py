@@ -1,4 +1,4 @@
-"""The R-BV^2 seminorm of neuron groups, and the function-preserving operations on it (THEORY.md sections 2-4).
+"""The R-BV^2 seminorm of neuron groups, and the function-preserving operations on it (docs/theory.md sections 2-4).
 
 Every function takes one :class:`~lightning_bv.neurons.NeuronGroup` or an iterable of them (a ``NeuronGroups``).
 Only the regularized entries are charged (neuron input weights ``w_k`` and output weights ``v_k``); biases and skip
@@ -58,7 +58,9 @@ def _check_tau(tau: object, glist: list[NeuronGroup]) -> dict[str, float | Tenso
             bad = ~torch.isfinite(t) | (t < 0)
             if bool(bad.any()):
                 i = int(torch.nonzero(bad)[0])
-                raise ValueError(f"`tau` must be finite and >= 0 for every neuron, got {float(t[i])!r} at neuron {i}{where}")
+                raise ValueError(
+                    f"`tau` must be finite and >= 0 for every neuron, got {float(t[i])!r} at neuron {i}{where}"
+                )
             return t
         if not math.isfinite(float(t)) or float(t) < 0:  # type: ignore[arg-type]
             raise ValueError(f"`tau` must be a finite value >= 0, got {t!r}{where}")
@@ -204,7 +206,7 @@ def rbv_norm(groups: Groups, q: int = 2) -> Tensor:
 
 
 def neuron_weight_decay(groups: Groups, q: int = 2) -> Tensor:
-    """``1/2 sum_k (||v_k||_q^2 + ||w_k||_2^2)``: weight decay on the grouped weights only (THEORY.md section 3)."""
+    """``1/2 sum_k (||v_k||_q^2 + ||w_k||_2^2)``: weight decay on the grouped weights only (docs/theory.md 3)."""
     total: Tensor | None = None
     for g in _as_list(groups):
         w, v = group_norms(g, q)

@@ -1,4 +1,4 @@
-"""The architecture of the deep representer theorem (THEORY.md section 5): :class:`RBVNet` and :class:`RBVBlock`.
+"""The architecture of the deep representer theorem (docs/theory.md 5): :class:`RBVNet` and :class:`RBVBlock`.
 
 Every layer ``f_l`` of a solution of ``min sum_n loss(y_n, f(x_n)) + lam * sum_l ||f_l||`` is a shallow ReLU block
 ``z -> V_l relu(W_l z - b_l) + C_l z + c_l``, and the blocks meet at linear bottlenecks of width ``d_l``.

@@ -1,6 +1,6 @@
 """Compaction: :func:`compact` cuts dead neurons out of a model.
 
-A neuron whose score ``||v_k||_2 ||w_k||_2`` is 0 contributes nothing through its regularized weights (THEORY.md
+A neuron whose score ``||v_k||_2 ||w_k||_2`` is 0 contributes nothing through its regularized weights (docs/theory.md
 section 4: the proximal step makes such neurons). :func:`compact` removes every neuron with score ``<= tol``: the rows
 of its producer (Linear ``out_features`` / Conv ``out_channels``, the bias, the BatchNorm's ``weight``, ``bias``,
 ``running_mean`` and ``running_var``), the columns of every consumer (the block of columns a channel owns after a

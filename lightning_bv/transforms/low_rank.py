@@ -1,6 +1,6 @@
 """Low-rank weights: :func:`apply_low_rank`, :func:`is_low_rank`, :func:`remove_low_rank` (and :func:`factorize`).
 
-THEORY.md section 5: between two ReLU layers the product ``W_{l+1} V_l`` has rank at most the bottleneck width, so a
+docs/theory.md 5: between two ReLU layers the product ``W_{l+1} V_l`` has rank at most the bottleneck width, so a
 deep network of the representer theorem has low-rank weight matrices. :func:`apply_low_rank` writes the ``weight`` of
 each targeted ``nn.Linear`` / ``nn.Conv1d/2d/3d`` as ``U @ V`` through :mod:`torch.nn.utils.parametrize`:
 

@@ -33,7 +33,9 @@ class Probe(pl.Callback):
         finally:
             hook.remove()
         after = pl_module.state_dict()
-        self.unchanged = all(torch.equal(before[k], after[k]) for k in before) and torch.equal(rng, torch.get_rng_state())
+        self.unchanged = all(torch.equal(before[k], after[k]) for k in before) and torch.equal(
+            rng, torch.get_rng_state()
+        )
 
 
 def test_runs_training_step_on_the_first_batch_and_changes_nothing():
@@ -41,7 +43,8 @@ def test_runs_training_step_on_the_first_batch_and_changes_nothing():
     module = BNModule()
     trainer(callbacks=[probe], max_steps=1).fit(module)
     assert probe.why == ""
-    assert len(probe.inputs) == 1 and probe.inputs[0].shape == (16, 4)  # the module's own first batch
+    assert len(probe.inputs) == 1
+    assert probe.inputs[0].shape == (16, 4)
     assert probe.unchanged  # BatchNorm statistics and the RNG restored; logging in training_step muted
     assert "log" not in vars(module)
 
@@ -54,7 +57,8 @@ def test_datamodule_batches_are_used():
     probe = Probe()
     module = MLPModule()
     trainer(callbacks=[probe], max_steps=1).fit(module, datamodule=DM())
-    assert probe.why == "" and probe.inputs[0].shape == (5, 4)
+    assert probe.why == ""
+    assert probe.inputs[0].shape == (5, 4)
 
 
 def test_a_dataloader_built_in_the_module_setup_is_reported():
@@ -67,7 +71,8 @@ def test_a_dataloader_built_in_the_module_setup_is_reported():
 
     probe = Probe()
     trainer(callbacks=[probe], max_steps=1).fit(Late())
-    assert "cannot be built at setup" in probe.why and "AttributeError" in probe.why
+    assert "cannot be built at setup" in probe.why
+    assert "AttributeError" in probe.why
 
 
 def test_no_trainer_data_gives_a_reason():
@@ -75,4 +80,5 @@ def test_no_trainer_data_gives_a_reason():
         fit_loop = None
 
     batch, why = first_train_batch(T(), MLPModule())
-    assert batch is None and why == "the fit has no train dataloader yet"
+    assert batch is None
+    assert why == "the fit has no train dataloader yet"

@@ -1,6 +1,7 @@
 import copy
 import inspect
 import types
+import warnings
 
 import pytest
 import pytorch_lightning as pl
@@ -19,7 +20,7 @@ def manual_run(module, mode, lam, steps, lr, q=2, accumulate=1):
     model = copy.deepcopy(module.net)
     groups = lbv.find_neurons(model, torch.randn(2, module.hparams.d))
     if mode == "prox":  # the callback lifts the chain's shared hidden matrix to A B before the optimizer exists
-        assert lbv.lift_shared_weights(model, groups).lifted == ["2"]
+        assert lbv.lift_shared_weights(model, groups, normalize=True).lifted == ["2"]
     opt = torch.optim.SGD(model.parameters(), lr=lr)
     batches = list(DataLoader(regression_data(module.hparams.n, module.hparams.d), batch_size=16))
     it = iter(batches * 10)
@@ -320,3 +321,137 @@ def test_ddp_two_processes_match_single_process(tmp_path):
     for k in r0:
         assert torch.equal(r0[k], r1[k]), k  # identical across ranks
         torch.testing.assert_close(r0[k], single.state_dict()[k], atol=1e-5, rtol=0, msg=k)
+
+
+# ---- the proximal method: lifting, optimizers' thresholds, rescale invariance ---------------------------------------
+def test_a_plain_chain_is_lifted_at_setup_and_merged_back_by_neuron_pruning():
+    from lightning_bv.callbacks import NeuronPruning
+
+    torch.manual_seed(0)
+    module = MLPModule(lr=0.05)
+    cb = PathNormRegularization(lam=1.0)
+    pruning = NeuronPruning()
+    trainer(callbacks=[cb, pruning], max_steps=30).fit(module)
+    assert cb.lift_report.lifted == ["net.2"]
+    assert cb.lift_report.ranks == {"net.2": 16}
+    assert pruning.report.merged == ["net.2"]  # dense net.2 is smaller than its factors: merged back
+    assert not lbv.is_low_rank(module.net[2])
+    assert module.net[0].out_features < 16
+    assert module.net[2].out_features < 16
+    x = torch.randn(8, 4)
+    assert lbv.find_neurons(module, x).names == ["net.0", "net.2"]
+
+
+def test_lifting_is_off_with_lift_shared_false_and_in_the_gradient_modes():
+    for cb in (PathNormRegularization(lam=0.1, lift_shared=False), PathNormRegularization(lam=0.1, mode="penalty")):
+        module = MLPModule()
+        trainer(callbacks=[cb], max_steps=2).fit(module)
+        assert cb.lift_report is None
+        assert not lbv.is_low_rank(module.net[2])
+    with pytest.raises(
+        TypeError, match=r"`lift_shared` must be None \(on for mode='prox'\), True or False, got str 'yes'"
+    ):
+        PathNormRegularization(lam=0.1, lift_shared="yes")
+
+
+class RescaledMLP(MLPModule):
+    """The same function as MLPModule(seed) with every neuron rescaled by a random positive factor."""
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        groups = lbv.find_neurons(self.net, torch.randn(1, 4))
+        torch.manual_seed(7)
+        with torch.no_grad():
+            for g in groups:
+                lbv.functional.rbv._rescale_(g, torch.rand(g.num_neurons) * 4 + 0.25)
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_a_model_and_a_rescale_of_it_train_identically(optimizer):
+    torch.manual_seed(0)
+    plain = MLPModule(optimizer=optimizer, lr=0.02)
+    torch.manual_seed(0)
+    rescaled = RescaledMLP(optimizer=optimizer, lr=0.02)
+    x = torch.randn(5, 4)
+    torch.testing.assert_close(rescaled(x), plain(x), rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(rescaled.net[0].weight, plain.net[0].weight)
+    for module in (plain, rescaled):
+        trainer(callbacks=[PathNormRegularization(lam=0.5)], max_steps=10).fit(module)
+    for (n, p), q in zip(plain.named_parameters(), rescaled.parameters()):
+        torch.testing.assert_close(q, p, rtol=1e-4, atol=1e-5, msg=n)
+
+
+def test_adam_and_the_prox_kill_neurons_with_the_same_lam_as_sgd():
+    alive = {}
+    for optimizer in ("sgd", "adam"):
+        torch.manual_seed(0)
+        module = MLPModule(optimizer=optimizer, lr=0.01 if optimizer == "adam" else 0.05, n=128)
+        cb = PathNormRegularization(lam=0.05)
+        trainer(callbacks=[cb], max_epochs=6, max_steps=-1).fit(module)
+        alive[optimizer] = int(sum((s > 0).sum() for s in lbv.neuron_scores(cb.groups).values()))
+    assert 0 < alive["adam"] < 32, alive
+    assert 0 < alive["sgd"] < 32, alive
+
+
+class NAdamMLP(MLPModule):
+    def configure_optimizers(self):
+        return torch.optim.NAdam(self.parameters(), lr=1e-3, weight_decay=0.01)
+
+
+def test_unknown_optimizer_and_weight_decay_each_warn_once():
+    with pytest.warns(UserWarning, match="NAdam") as record:
+        trainer(callbacks=[PathNormRegularization(lam=0.1)], max_steps=4).fit(NAdamMLP())
+    messages = [str(w.message) for w in record]
+    assert sum("does not know the step size of optimizer NAdam" in m for m in messages) == 1
+    assert sum("has weight_decay=0.01 on the neuron groups' weights" in m for m in messages) == 1
+
+
+class OwnStep(PathNormRegularization):
+    """A user's optimizer with a known step: override the one method."""
+
+    def thresholds(self, optimizer, lam, lrs):
+        return {g.name: lam * 0.123 for g in self.groups}
+
+
+def test_thresholds_is_the_one_method_to_override(monkeypatch):
+    calls = _record_strengths(monkeypatch, "proximal_step_")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # an overridden threshold is not an unknown optimizer
+        trainer(callbacks=[OwnStep(lam=2.0)], max_steps=3).fit(NAdamMLPNoDecay())
+    assert calls == pytest.approx([2.0 * 0.123] * 3)
+
+
+class NAdamMLPNoDecay(MLPModule):
+    def configure_optimizers(self):
+        return torch.optim.NAdam(self.parameters(), lr=1e-3)
+
+
+class LateData(MLPModule):
+    def setup(self, stage):
+        self.ds = regression_data(32, 4)
+
+    def train_dataloader(self):
+        return DataLoader(self.ds, batch_size=8)
+
+
+def test_no_batch_at_setup_warns_and_discovers_on_the_first_step():
+    cb = PathNormRegularization(lam=0.1)
+    with pytest.warns(
+        UserWarning, match=r"could not find the neuron groups at setup: its train dataloader cannot be built"
+    ):
+        trainer(callbacks=[cb], max_steps=2).fit(LateData())
+    assert cb.groups.names == ["net.0", "net.2"]
+    assert cb.lift_report is None
+
+
+def test_low_rank_listed_after_the_regularizer_runs_first():
+    from lightning_bv.callbacks import LowRank
+
+    torch.manual_seed(0)
+    module = MLPModule()
+    low_rank = LowRank(rank=3, targets=["net.2"])
+    cb = PathNormRegularization(lam=0.1)
+    trainer(callbacks=[cb, low_rank], max_steps=2).fit(module)
+    assert low_rank.ranks == {"net.2": 3}  # not lifted to full rank first
+    assert cb.lift_report.lifted == []
+    assert [s.factor for s in cb.groups["net.0"].v_slots] == [True]  # the explicit low-rank layer is owned the same way

@@ -43,7 +43,9 @@ def test_each_group_takes_the_lr_of_the_parameter_group_holding_its_output_weigh
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(3, 5), nn.ReLU(), nn.Linear(5, 4), nn.ReLU(), nn.Linear(4, 1))
     groups = lbv.find_neurons(net, torch.randn(1, 3))
-    opt = torch.optim.SGD([{"params": net[2].parameters(), "lr": 0.5}, {"params": [*net[0].parameters(), *net[4].parameters()]}], lr=0.01)
+    opt = torch.optim.SGD(
+        [{"params": net[2].parameters(), "lr": 0.5}, {"params": [*net[0].parameters(), *net[4].parameters()]}], lr=0.01
+    )
     taus = lbv.prox_thresholds(groups, opt, lam=2.0)
     assert taus == pytest.approx({"0": 2.0 * 0.5, "2": 2.0 * 0.01})
     # a scheduler moved the lr on since the step: the lr the step used wins
@@ -125,7 +127,9 @@ def test_unknown_optimizers_get_lam_lr_and_bad_arguments_raise():
         lbv.prox_thresholds(groups, nn.Linear(1, 1), lam=0.5)
     with pytest.raises(ValueError, match=r"`lam` must be a finite value >= 0, got -1"):
         lbv.prox_thresholds(groups, opt, lam=-1)
-    with pytest.raises(ValueError, match=r"`lrs` must be None or one learning rate per parameter group \(1\), got \[0.1, 0.2\]"):
+    with pytest.raises(
+        ValueError, match=r"`lrs` must be None or one learning rate per parameter group \(1\), got \[0.1, 0.2\]"
+    ):
         lbv.prox_thresholds(groups, opt, lam=0.5, lrs=[0.1, 0.2])
     with pytest.raises(ValueError, match=r"`lrs` must hold finite learning rates >= 0, got nan"):
         lbv.prox_thresholds(groups, opt, lam=0.5, lrs=[math.nan])

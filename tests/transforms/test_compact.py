@@ -339,7 +339,8 @@ def test_low_rank_components_and_neurons(kind):
     # '2' sits between two groups: they own its factors (V's columns, U's rows) and it has no rank group; '0' reads
     # the data, so its components keep theirs
     assert groups.names == ["0", "2", "0:rank"]
-    assert [s.factor for s in groups["0"].v_slots] == [True] and [s.factor for s in groups["2"].w_slots] == [True]
+    assert [s.factor for s in groups["0"].v_slots] == [True]
+    assert [s.factor for s in groups["2"].w_slots] == [True]
     kill(groups, {"0": [0, 5], "0:rank": [3], "2": [1]})
     reference = copy.deepcopy(model)
     compact(model, groups)
