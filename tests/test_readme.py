@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
+import lightning_bv as lbv
+
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
 
@@ -77,10 +79,15 @@ def test_existing_project_snippet_runs(tmp_path, monkeypatch):
 def test_plain_pytorch_snippet_runs():
     from torch import nn
 
-    model = nn.Sequential(nn.Linear(3, 16), nn.ReLU(), nn.Linear(16, 1))
-    scope = {"model": model, "example_input": torch.randn(4, 3), "lam": 0.1, "lr": 0.05}
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 1))
+    loader = [(torch.randn(8, 3), torch.randn(8, 1)) for _ in range(20)]
+    scope = {"model": model, "example_input": torch.randn(4, 3), "lam": 0.3, "torch": torch, "loader": loader,
+             "loss_fn": nn.functional.mse_loss}  # fmt: skip
     exec(blocks("python")[1], scope)  # noqa: S102
     assert scope["penalty"].requires_grad
+    assert model[0].out_features < 16  # neurons died and were cut out
+    assert not lbv.is_low_rank(model[2])  # the lifted hidden matrix was merged back
 
 
 def test_api_table_shows_the_real_defaults():
