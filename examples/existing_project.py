@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
     model = LitClassifier()
     data = DigitsDataModule()
-    bv = [LowRank(rank=32, targets=["features.3"]), PathNormRegularization(lam=0.03), BVMonitor(log_every)]  # lbv 2/3
+    bv = [LowRank(rank=32, targets=["features.3"]), PathNormRegularization(lam=0.003), BVMonitor(log_every)]  # lbv 2/3
     trainer = pl.Trainer(
         max_epochs=1 if args.smoke else args.epochs,
         limit_train_batches=4 if args.smoke else None,
