@@ -116,7 +116,7 @@ def callback_arg(cls: Any, **kwargs: Any) -> Callable[[nn.Module], Any]:
 FUNCTION_ROWS: list[tuple[str, Callable[[], nn.Module], Callable[[nn.Module], Any], type, str]] = [
     # find_neurons
     ("find_neurons-model", mlp, lambda m: lbv.find_neurons(None, X), TypeError, r"`model` must be an nn\.Module, got NoneType"),
-    ("find_neurons-input-list", mlp, lambda m: lbv.find_neurons(m, [X]), TypeError, r"`example_input` must be a tensor or a tuple of positional arguments, got list"),
+    ("find_neurons-input-list", mlp, lambda m: lbv.find_neurons(m, [X]), TypeError, r"`example_input` must be a tensor, a tuple of positional arguments or a dict of keyword arguments, got list"),
     ("find_neurons-targets-nothing", mlp, lambda m: lbv.find_neurons(m, X, targets=["nope"]), lbv.TargetsMatchNothingError, MATCH_NOTHING),
     ("find_neurons-targets-type", mlp, lambda m: lbv.find_neurons(m, X, targets=3), TypeError, r"`targets` must be None, a regex string or a list of module names, got 3"),
     ("find_neurons-exclude-regex", mlp, lambda m: lbv.find_neurons(m, X, exclude="(["), ValueError, r"`exclude`='\(\[' is not a valid regular expression"),

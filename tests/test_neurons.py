@@ -227,7 +227,7 @@ def test_targets_and_exclude():
 def test_bad_arguments():
     with pytest.raises(TypeError, match="`model` must be an nn.Module"):
         find_neurons("net", torch.randn(1))  # type: ignore[arg-type]
-    with pytest.raises(TypeError, match="`example_input` must be a tensor or a tuple"):
+    with pytest.raises(TypeError, match="`example_input` must be a tensor, a tuple of positional arguments or a dict"):
         find_neurons(nn.Linear(1, 1), [1.0])  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="`targets` must be None, a regex string or a list"):
         find_neurons(nn.Linear(1, 1), torch.randn(1, 1), targets=3)  # type: ignore[arg-type]
