@@ -49,7 +49,8 @@ REDUCE = {"mean", "sum", "amax"}
 def op_kind(name: str) -> str:
     """Classify a torch function by its ``__name__``."""
     for kind, names in (
-        ("act", ACTIVATIONS), ("nonhom", NON_HOMOGENEOUS), ("linear", LINEAR), ("addmm", {"addmm"}), ("conv", CONV), ("norm", NORM), ("add", ADD), ("cat", CAT),
+        ("act", ACTIVATIONS), ("nonhom", NON_HOMOGENEOUS), ("linear", LINEAR), ("addmm", {"addmm"}), ("conv", CONV),
+        ("norm", NORM), ("add", ADD), ("cat", CAT),
         ("dropout", DROPOUT), ("pool", POOL), ("layout", LAYOUT), ("reduce", REDUCE),
     ):  # fmt: skip
         if name in names:

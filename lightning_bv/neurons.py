@@ -205,13 +205,12 @@ class Slot:
 
 
 class GroupedSlot(Slot):
-    """The output weights of neurons read by a grouped convolution (``groups > 1``; depthwise when ``groups`` equals
-    the input channels).
+    """The output weights of neurons read by a grouped convolution (``groups > 1``; depthwise: one input per group).
 
     A grouped conv with ``G`` groups has weight ``[out, in / G, *kernel]``: input channel ``j`` (group
-    ``g = j // (in / G)``, column ``c = j % (in / G)``) is read only by the ``out / G`` filters of group ``g``, so neuron
-    k owns the slice ``weight[g*out/G:(g+1)*out/G, c]`` for each input channel ``j`` in ``index[k]`` (channel k alone
-    when ``index`` is None).
+    ``g = j // (in / G)``, column ``c = j % (in / G)``) is read only by the ``out / G`` filters of group ``g``, so
+    neuron k owns the slice ``weight[g*out/G:(g+1)*out/G, c]`` for each input channel ``j`` in ``index[k]`` (channel
+    k alone when ``index`` is None).
     """
 
     def __init__(
@@ -421,8 +420,9 @@ class NeuronGroups(Sequence[NeuronGroup]):
 
         Example:
             >>> net = nn.Sequential(nn.Linear(3, 8), nn.ReLU6(), nn.Linear(8, 8), nn.ReLU6(), nn.Linear(8, 1))
-            >>> find_neurons(net, torch.randn(2, 3)).found_instead()
-            'found 2 ReLU6 activation(s), which are not positively homogeneous (only ReLU, LeakyReLU and PReLU neurons can be regularized)'
+            >>> print(find_neurons(net, torch.randn(2, 3)).found_instead())  # doctest: +NORMALIZE_WHITESPACE
+            found 2 ReLU6 activation(s), which are not positively homogeneous (only ReLU, LeakyReLU and PReLU
+            neurons can be regularized)
 
         """
         counts = self.non_homogeneous()
@@ -540,10 +540,29 @@ class _Analysis:
             ip = self.t.values[inner].producer if inner is not None else None
             core = self.t.ops[ip] if ip is not None else None
             mod = self.modules.get(op.module)
-            if core is not None and core.kind == "addmm" and core.module == op.module and mod is not None:
-                if is_conv1d(mod) and len(self.live_uses(core.outputs[0])) == 1:
-                    return core
+            if (
+                core is not None
+                and core.kind == "addmm"
+                and core.module == op.module
+                and mod is not None
+                and is_conv1d(mod)
+                and len(self.live_uses(core.outputs[0])) == 1
+            ):
+                return core
         return op if op.kind == "addmm" else None
+
+    def through_pools(self, vid: int | None) -> int | None:
+        """Step back from ``vid`` through pools and dropout (per channel) that are the only readers of their input."""
+        while vid is not None:
+            p = self.t.values[vid].producer
+            op = self.t.ops[p] if p is not None else None
+            inner = op.data_input() if op is not None else None
+            if op is None or op.kind not in ("pool", "dropout") or inner is None or len(self.live_uses(inner)) != 1:
+                return vid
+            if op.kind == "pool" and len(self.t.values[inner].shape) != len(self.t.values[vid].shape):
+                return vid
+            vid = inner
+        return vid
 
     # -- producer side ---------------------------------------------------------------------------------------
     def producers(self, vid: int) -> list[tuple[str, Any, str | None, Any]]:
@@ -557,7 +576,7 @@ class _Analysis:
             bn_name, bn = self.module_of(op, _BN)
             if bn.weight is None:
                 raise _Skip(f"BatchNorm '{bn_name}' has affine=False (no gamma to rescale)")
-            inner = op.data_input()
+            inner = self.through_pools(op.data_input())
             pop = self.weighted_op(inner) if inner is not None else None
             if pop is not None and len(self.live_uses(inner)) == 1:  # type: ignore[arg-type]
                 try:

@@ -167,7 +167,13 @@ def _resize_module(m: Any, saved: dict[str, Tensor]) -> bool:
 # ------------------------------------------------------------------------------------------------------------
 def _take(t: Tensor, keep: tuple[Tensor | None, ...]) -> Tensor:
     for dim, idx in enumerate(keep):
-        if idx is not None:
+        if idx is None:
+            continue
+        if idx.dim() == 2:  # per-row columns (each group of a grouped conv keeps its own input channels)
+            t = t.gather(
+                dim, idx.to(t.device).reshape(*idx.shape, *([1] * (t.dim() - 2))).expand(*idx.shape, *t.shape[2:])
+            )
+        else:
             t = t.index_select(dim, idx.to(t.device))
     return t.contiguous()
 
