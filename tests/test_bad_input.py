@@ -145,7 +145,7 @@ FUNCTION_ROWS: list[tuple[str, Callable[[], nn.Module], Callable[[nn.Module], An
     # path_norm
     ("path_norm-model", mlp, lambda m: lbv.path_norm(None, X), TypeError, r"`model` must be an nn\.Module, got NoneType"),
     ("path_norm-p", mlp, lambda m: lbv.path_norm(m, X, p=0.5), ValueError, r"`p` must be a finite number >= 1, got 0\.5"),
-    ("path_norm-integer-input", mlp, lambda m: lbv.path_norm(m, X.long()), ValueError, r"`example_input` must be a floating-point tensor"),
+    ("path_norm-integer-input", mlp, lambda m: lbv.path_norm(m, X.long()), ValueError, r"`example_input` must be a floating-point tensor, or integer token ids that the model reads with an embedding \(nn.Embedding\); `linear` in module .0. reads the integer input"),
     ("path_norm-unsupported-layer", lambda: nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1)), lambda m: lbv.path_norm(m, X), NotImplementedError, r"path_norm does not support `tanh` in module '1' \(Tanh\)"),
     # low rank
     ("apply_low_rank-model", mlp, lambda m: lbv.apply_low_rank(None, rank=1), TypeError, r"`model` must be an nn\.Module, got NoneType"),
