@@ -470,6 +470,21 @@ _NOT_HOMOGENEOUS = "is not positively homogeneous (s(a t) != a s(t) for a > 0), 
 _WEIGHTED = ("linear", "conv", "addmm")  # ops with parameters: reading a value there makes it live
 
 
+def _per_channel(lab: Tensor, ch: int) -> Tensor | None:
+    """``lab`` reduced to ``[batch, channels]`` when it is broadcast (stride 0) along every other dim, else None.
+
+    Such labels are the same at every position, so they need not all be read.
+    """
+    ch = ch % lab.dim()
+    if any(lab.stride(d) != 0 and lab.shape[d] > 1 for d in range(1, lab.dim()) if d != ch):
+        return None
+    index = tuple(slice(None) if d in (0, ch) else 0 for d in range(lab.dim()))
+    per = lab[index]  # [N, C]
+    if lab.shape[0] > 1 and lab.stride(0) != 0 and not bool((per == per[:1]).all()):
+        return None
+    return per
+
+
 class _Analysis:
     def __init__(self, trace: Trace, root: nn.Module) -> None:
         self.t = trace
@@ -650,11 +665,14 @@ class _Analysis:
         if op.kind == "dropout":
             return [x]
         if op.kind == "pool":  # channel-preserving: every output position of channel c carries c's label
-            flat = x.reshape(*x.shape[:2], -1)
-            if not bool((flat.amax(-1) == flat.amin(-1)).all()):
-                raise _Skip(f"'{op.name}' pools over positions of different neurons")
             shape = self.t.values[op.outputs[0]].shape
-            return [flat[..., 0].reshape(*flat.shape[:2], *([1] * (len(shape) - 2))).expand(shape)]
+            per = _per_channel(x, 1)
+            if per is None:
+                flat = x.reshape(*x.shape[:2], -1)
+                if not bool((flat.amax(-1) == flat.amin(-1)).all()):
+                    raise _Skip(f"'{op.name}' pools over positions of different neurons")
+                per = flat[..., 0]
+            return [per.reshape(*per.shape[:2], *([1] * (len(shape) - 2))).expand(shape)]
         if op.kind == "reduce":
             dim = op.args[1] if len(op.args) > 1 else op.kwargs.get("dim")
             keep = op.args[2] if len(op.args) > 2 else op.kwargs.get("keepdim", False)
@@ -666,13 +684,18 @@ class _Analysis:
 
     def consumer(self, op: Op, lab: Tensor) -> tuple[str, Any, Tensor]:
         name, mod = self.module_of(op, (nn.Linear, *_CONV))
-        if isinstance(mod, nn.Linear) or is_conv1d(mod):
-            per = lab.reshape(-1, lab.shape[-1])
+        ch = -1 if isinstance(mod, nn.Linear) or is_conv1d(mod) else 1
+        fast = _per_channel(lab, ch)  # a label broadcast over positions (the usual case): no need to read them all
+        if fast is not None:
+            first = fast.reshape(-1, fast.shape[-1])[0] if ch == -1 else fast[0]
         else:
-            per = lab.transpose(0, 1).reshape(lab.shape[1], -1).T
-        if not bool((per == per[0]).all()) or bool((per[0] < 0).any()):
+            per = lab.reshape(-1, lab.shape[-1]) if ch == -1 else lab.transpose(0, 1).reshape(lab.shape[1], -1).T
+            if not bool((per == per[0]).all()):
+                raise _Skip(f"consumer '{name}' reads positions that mix several neurons")
+            first = per[0]
+        if bool((first < 0).any()):
             raise _Skip(f"consumer '{name}' reads positions that mix several neurons")
-        feat = per[0].long()
+        feat = first.long()
         cols = torch.nonzero(feat > 0).flatten()
         order = torch.argsort(feat[cols], stable=True)
         cols, owners = cols[order], feat[cols][order]
