@@ -101,6 +101,23 @@ def test_compact_removes_dead_neurons_and_keeps_the_function(case):
     assert_close(model, reference, example)
 
 
+@pytest.mark.parametrize("case", CASES)
+def test_compacted_state_dict_loads_into_a_freshly_built_model(case):
+    model, example = build(case)
+    groups = lbv.find_neurons(model, example)
+    kill(groups, every=3)
+    lbv.compact(model, groups)
+    torch.manual_seed(1)
+    fresh = case.make().eval()  # the original sizes (for HF: from the stale config)
+    state = model.state_dict()
+    resized = lbv.resize_to_state_dict_(fresh, state)
+    assert resized
+    fresh.load_state_dict(state)
+    assert_close(fresh, model, example, rtol=0.0)
+    grouped = [(n, m.groups) for n, m in fresh.named_modules() if getattr(m, "groups", 1) != 1]
+    assert grouped == [(n, m.groups) for n, m in model.named_modules() if getattr(m, "groups", 1) != 1]
+
+
 def test_zoo_lists():
     assert {c.name for c in CNNS} >= {"resnet", "vgg_bn", "squeezenet", "densenet", "inception", "mnasnet", "regnet"}
     assert {c.name for c in TRANSFORMERS} == {"hf_opt", "hf_gpt2_relu", "hf_bert_relu", "hf_t5"}
