@@ -413,3 +413,29 @@ def test_dict_and_token_inputs():
     groups = find_neurons(Tokens(), {"input_ids": ids, "attention_mask": torch.ones(2, 5)})
     assert summary(groups) == [(("fc1",), None, "relu", ("fc2",), 6)]
     assert summary(find_neurons(Tokens(), ids)) == summary(groups)
+
+
+def test_without_marked_outputs_every_unread_value_counts_as_one():
+    from lightning_bv._trace import Trace
+    from lightning_bv.neurons import analyze
+
+    class Logged(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.fc2 = nn.Linear(3, 8), nn.Linear(8, 2)
+
+        def forward(self, x):
+            h = self.fc1(x)
+            self.stat = h.abs().mean()  # a statistic for logging
+            return self.fc2(F.relu(h))
+
+    model = Logged()
+    for marked in (False, True):
+        trace = Trace(model).start()
+        try:
+            out = model(torch.randn(4, 3))
+            if marked:
+                trace.mark_outputs(out)
+        finally:
+            trace.stop()
+        assert len(analyze(trace, model)) == int(marked)

@@ -2,9 +2,10 @@
 
 A neuron whose score ``||v_k||_2 ||w_k||_2`` is 0 contributes nothing through its regularized weights (THEORY.md
 section 4: the proximal step makes such neurons). :func:`compact` removes every neuron with score ``<= tol``: the rows
-of its producer (Linear ``out_features`` / Conv ``out_channels``, the bias, the BatchNorm's ``weight``, ``bias``,
-``running_mean`` and ``running_var``), the columns of every consumer (the block of columns a channel owns after a
-flatten, its positions in a concat), and, for a low-rank layer (:func:`~lightning_bv.apply_low_rank`), the rank-1
+of its producer (Linear ``out_features`` / Conv ``out_channels`` / Hugging Face ``Conv1D`` ``nf``, the bias, the
+BatchNorm's ``weight``, ``bias``, ``running_mean`` and ``running_var``), the columns of every consumer (the block of
+columns a channel owns after a flatten, its positions in a concat, its slice of a grouped conv), and, for a low-rank
+layer (:func:`~lightning_bv.apply_low_rank`), the rank-1
 components (columns of ``U``, rows of ``V``). Parameters are replaced by new, smaller ``nn.Parameter`` objects (dtype,
 device and ``requires_grad`` kept); :attr:`CompactionReport.param_map` says which old Parameter became which new one
 and which entries it kept, and :func:`~lightning_bv.transforms.resize.slice_optimizer_state_` carries an optimizer
@@ -204,9 +205,12 @@ def compact(
 ) -> CompactionReport:
     """Remove every neuron whose score ``||v_k||_2 ||w_k||_2`` is ``<= tol``, in place.
 
-    Everything is checked before anything changes. A group whose producer or consumer cannot be shrunk (a grouped
-    convolution, a layer of unknown type or with extra parameters, a weight tied to another module, a module
-    registered under several names) is left whole and reported with the reason; the others are shrunk. Several
+    Everything is checked before anything changes. A group whose producer or consumer cannot be shrunk (a layer of
+    unknown type or with extra parameters, a weight tied to another module, a module registered under several names,
+    a BatchNorm over a concatenation) is left whole and reported with the reason; the others are shrunk. Grouped
+    convolutions keep as many channels in every group; a depthwise conv's channel goes with the neuron of its input
+    group and those of its output group together (its ``groups`` shrink), only when removing it keeps the function;
+    neurons kept for that are counted in the report. Several
     groups touching one module (a Linear that consumes one group and produces the next, a concat read by one head,
     a low-rank layer) are shrunk consistently. A group keeps at least one neuron so that no layer has width 0.
 
