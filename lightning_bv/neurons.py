@@ -490,6 +490,7 @@ class _Analysis:
         self.t = trace
         self.root = root
         self.modules = dict(root.named_modules())
+        self.n_ops = len(trace.ops)  # another callback's trace may still be recording (and see our own ops)
         self._liveness()
 
     # -- which values reach the output -----------------------------------------------------------------------
@@ -499,14 +500,14 @@ class _Analysis:
         Reads that lead nowhere (a statistic logged in ``forward``, a comparison steering Python control flow) do not
         count as uses: rescaling or removing a neuron cannot change the model's output through them.
         """
-        values = self.t.values
+        values = self.t.values[: max((v for op in self.t.ops[: self.n_ops] for v in op.outputs), default=-1) + 1]
         if self.t.outputs is not None:
             self.output = [v.vid in self.t.outputs for v in values]
         else:  # unknown results: every floating-point value nothing reads may be one
-            self.output = [v.floating and not v.uses for v in values]
+            self.output = [v.floating and not any(u < self.n_ops for u in v.uses) for v in values]
         live = list(self.output)
         self.op_live = [False] * len(self.t.ops)
-        for op in reversed(self.t.ops):
+        for op in reversed(self.t.ops[: self.n_ops]):
             if op.kind in _WEIGHTED or any(live[o] for o in op.outputs):
                 self.op_live[op.index] = True
                 for i in op.inputs:
@@ -514,7 +515,7 @@ class _Analysis:
         self.live = live
 
     def live_uses(self, vid: int) -> list[int]:
-        return [u for u in self.t.values[vid].uses if self.op_live[u]]
+        return [u for u in self.t.values[vid].uses if u < self.n_ops and self.op_live[u]]
 
     def module_of(self, op: Op, types: tuple[type, ...]) -> tuple[str, Any]:
         name = op.module
@@ -627,7 +628,7 @@ class _Analysis:
         view[ch_dim] = k
         labels = {out_vid: torch.arange(1, k + 1, dtype=torch.float32).reshape(view).expand(shape)}
         found: list[tuple[str, Any, Tensor]] = []
-        for op in self.t.ops[act.index + 1 :]:
+        for op in self.t.ops[act.index + 1 : self.n_ops]:
             if not self.op_live[op.index]:
                 continue  # a read whose result never reaches the output
             reached = [v for v in op.inputs if v in labels]
