@@ -288,7 +288,8 @@ class NeuronGroup:
 
     Attributes:
         name: the group's name (its producer's module name; ``"<module>:rank"`` for low-rank components).
-        producers: sorted module names of the Linear/Conv layers that make the pre-activation.
+        producers: sorted module names of the Linear/Conv layers that make the pre-activation; a BatchNorm whose
+            input is not one such layer's output (a concatenation, as in DenseNet) is its own producer and norm.
         norms: the BatchNorm module name between each producer and the activation, or None (aligned with
             ``producers``).
         activation: ``"relu"``, ``"leaky_relu"``, ``"prelu"`` or ``"identity"`` (low-rank components).
