@@ -103,33 +103,39 @@ def ours(case: Case, repeats: int) -> dict[str, Any]:
     }
 
 
+FFN_IN = ("fc1", "c_fc", "wi", "intermediate.dense")  # the feed-forward producers of the HF models
+
+
 def torch_pruning(case: Case) -> dict[str, Any]:
     if tp is None:
         return {"tp": "not installed"}
     model, example = build(case)
     shapes = layers(model)
-    last = [m for n, m in model.named_modules() if n == list(shapes)[-1]]
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            dg = tp.DependencyGraph().build_dependency(model, example_inputs=example)
-            all_groups = list(dg.get_all_groups(ignored_layers=last, root_module_types=[nn.Conv2d, nn.Linear]))
-            touched = {dep.target.name.split(" ")[0] for grp in all_groups for dep, _ in grp}
-            pruner = tp.pruner.MagnitudePruner(model, example, importance=tp.importance.MagnitudeImportance(p=2),
-                                               pruning_ratio=0.5, ignored_layers=last)  # fmt: skip
+    named = dict(model.named_modules())
+    if case.hf:  # attention heads and the residual width need per-model settings: prune the feed-forward widths only
+        ignored = [named[n] for n in shapes if not n.endswith(FFN_IN)]
+        first: Any = lambda out: out[0]  # noqa: E731  (a ModelOutput: its main tensor)
+    else:
+        ignored, first = [named[list(shapes)[-1]]], None
+    out: dict[str, Any] = {"tp": "ok"}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            dg = tp.DependencyGraph().build_dependency(model, example_inputs=example, output_transform=first)
+            groups = list(dg.get_all_groups(ignored_layers=ignored, root_module_types=[nn.Conv2d, nn.Linear]))
+            touched = {dep.target.name.split(" ")[0] for grp in groups for dep, _ in grp}
+            out.update(tp_groups=len(groups), tp_layers=len([n for n in shapes if n in touched]))
+            importance = tp.importance.MagnitudeImportance(p=2)
+            pruner = tp.pruner.MagnitudePruner(
+                model, example, importance=importance, pruning_ratio=0.5, ignored_layers=ignored, output_transform=first
+            )
             pruner.step()
             with torch.no_grad():
                 call(model, example)
-    except Exception as err:  # report and go on
-        return {"tp": f"failed: {type(err).__name__}"}
-    after = layers(model)
-    return {
-        "tp": "ok",
-        "tp_groups": len(all_groups),
-        "tp_layers": len([n for n in shapes if n in touched]),
-        "tp_params_after": params(model),
-        "tp_layers_shrunk": sum(after.get(n) != s for n, s in shapes.items()),
-    }
+            out["tp_params_after"] = params(model)
+        except Exception as err:  # report and go on
+            out["tp"] = f"failed: {type(err).__name__}: {str(err)[:60]}"
+    return out
 
 
 def discovery_time(repeats: int) -> dict[str, Any]:
@@ -162,11 +168,8 @@ def main(argv: list[str] | None = None) -> None:
         r = ours(case, args.repeats)
         r.update(torch_pruning(case))
         data[case.name] = r
-        tp_cols = (
-            [r["tp_groups"], r["tp_layers"], f"{r['tp_params_after'] / r['params']:.3f}"]
-            if r["tp"] == "ok"
-            else [r["tp"], "-", "-"]
-        )
+        tp_cols = [r.get("tp_groups", r["tp"]), r.get("tp_layers", "-")]
+        tp_cols.append(f"{r['tp_params_after'] / r['params']:.3f}" if "tp_params_after" in r else r["tp"])
         rows.append([
             case.name, r["groups"], r["skipped"], r["params"], f"{r['params_after'] / r['params']:.3f}",
             f"{r['layers_shrunk']}/{r['layers']}", r["left_whole"], f"{r['rel_error']:.1e}", r["forward_ms"], *tp_cols,
