@@ -698,6 +698,9 @@ class _Analysis:
         if bool((first < 0).any()):
             raise _Skip(f"consumer '{name}' reads positions that mix several neurons")
         feat = first.long()
+        k = int(feat.shape[0])
+        if torch.equal(feat, torch.arange(1, k + 1)):  # the usual case: input feature j is neuron j
+            return name, mod, torch.arange(k).unsqueeze(1)
         cols = torch.nonzero(feat > 0).flatten()
         order = torch.argsort(feat[cols], stable=True)
         cols, owners = cols[order], feat[cols][order]
