@@ -41,7 +41,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -201,7 +201,7 @@ def compact(
     model: nn.Module,
     groups: NeuronGroup | Iterable[NeuronGroup] | None = None,
     tol: float = 0.0,
-    example_input: Tensor | tuple[Any, ...] | None = None,
+    example_input: Tensor | tuple[Any, ...] | Mapping[str, Any] | None = None,
 ) -> CompactionReport:
     """Remove every neuron whose score ``||v_k||_2 ||w_k||_2`` is ``<= tol``, in place.
 
@@ -223,7 +223,8 @@ def compact(
         groups: its neuron groups (:func:`~lightning_bv.find_neurons`), or some of them; found with
             ``example_input`` when None.
         tol: remove neurons with score ``<= tol`` (>= 0). ``tol=0`` keeps the function exactly.
-        example_input: an input for :func:`~lightning_bv.find_neurons`, when ``groups`` is not given.
+        example_input: an input for :func:`~lightning_bv.find_neurons` (a tensor, a tuple of positional arguments or
+            a dict of keyword arguments), when ``groups`` is not given.
 
     Returns:
         CompactionReport: neurons per group before and after, the removed score, parameters before and after;
