@@ -121,3 +121,19 @@ def test_compacted_state_dict_loads_into_a_freshly_built_model(case):
 def test_zoo_lists():
     assert {c.name for c in CNNS} >= {"resnet", "vgg_bn", "squeezenet", "densenet", "inception", "mnasnet", "regnet"}
     assert {c.name for c in TRANSFORMERS} == {"hf_opt", "hf_gpt2_relu", "hf_bert_relu", "hf_t5"}
+
+
+def test_gpt2_conv1d_neuron_k_owns_weight_column_k_of_c_fc_and_row_k_of_c_proj():
+    from zoo import GPT2
+
+    model, example = build(GPT2)
+    g = lbv.find_neurons(model, example)["transformer.h.0.mlp.c_fc"]
+    mlp = model.transformer.h[0].mlp
+    assert [(s.module_name, s.param, s.dim) for s in g.slots()] == [
+        ("transformer.h.0.mlp.c_fc", "weight", 1),
+        ("transformer.h.0.mlp.c_fc", "bias", 0),
+        ("transformer.h.0.mlp.c_proj", "weight", 0),
+    ]
+    w, v = lbv.group_norms(g)
+    assert torch.allclose(w, mlp.c_fc.weight.detach().norm(dim=0))
+    assert torch.allclose(v, mlp.c_proj.weight.detach().norm(dim=1))
