@@ -37,6 +37,10 @@ BENCHMARKS: dict[str, tuple[str, list[str]]] = {
     "sparsity": ("sparsity against accuracy: PathNormRegularization, AdamW weight decay, ModelPruning", ["--quick"]),
     "convergence": ("objective loss + lam * R against steps: prox vs weight decay", ["--quick"]),
     "theory_checks": ("the checks of docs/theory.md", ["--quick"]),
+    "zoo": (
+        "groups, compaction and Torch-Pruning on real architectures; discovery time on resnet18",
+        ["--repeats", "3"],
+    ),
 }
 
 

@@ -22,6 +22,12 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 ACTIVATIONS = {"relu": "relu", "relu_": "relu", "leaky_relu": "leaky_relu", "leaky_relu_": "leaky_relu"}
 ACTIVATIONS.update({"prelu": "prelu"})
+# activations that are not positively homogeneous (s(a t) != a s(t)): reported as skipped, never grouped
+NON_HOMOGENEOUS = {
+    *("relu6", "hardtanh", "hardtanh_", "gelu", "silu", "silu_", "hardswish", "hardswish_", "mish", "elu", "elu_"),
+    *("selu", "selu_", "celu", "celu_", "softplus", "tanh", "tanh_", "sigmoid", "sigmoid_", "hardsigmoid"),
+    *("hardsigmoid_", "logsigmoid", "softsign", "tanhshrink", "rrelu", "rrelu_", "glu"),
+}
 LINEAR = {"linear"}
 CONV = {"conv1d", "conv2d", "conv3d"}
 NORM = {"batch_norm"}
@@ -43,7 +49,8 @@ REDUCE = {"mean", "sum", "amax"}
 def op_kind(name: str) -> str:
     """Classify a torch function by its ``__name__``."""
     for kind, names in (
-        ("act", ACTIVATIONS), ("linear", LINEAR), ("conv", CONV), ("norm", NORM), ("add", ADD), ("cat", CAT),
+        ("act", ACTIVATIONS), ("nonhom", NON_HOMOGENEOUS), ("linear", LINEAR), ("addmm", {"addmm"}), ("conv", CONV),
+        ("norm", NORM), ("add", ADD), ("cat", CAT),
         ("dropout", DROPOUT), ("pool", POOL), ("layout", LAYOUT), ("reduce", REDUCE),
     ):  # fmt: skip
         if name in names:
@@ -92,6 +99,7 @@ class Value:
     shape: torch.Size
     producer: int | None
     uses: list[int] = field(default_factory=list)
+    floating: bool = True
 
 
 class _EagerStance:
@@ -153,6 +161,7 @@ class Trace(TorchFunctionMode):
         self._handles: list[Any] = []
         self._eager = False
         self.active = False
+        self.outputs: set[int] | None = None  # value ids of the traced call's results, when marked
 
     # -- module attribution -------------------------------------------------------------------------------
     def _hook_modules(self) -> None:
@@ -194,6 +203,26 @@ class Trace(TorchFunctionMode):
         self._handles.clear()
         self._ids = WeakIdKeyDictionary()  # drop references to tensors
 
+    def mark_outputs(self, obj: Any) -> None:
+        """Record the tensors in ``obj`` (a tensor, or lists, tuples and dicts of them) as the traced call's results.
+
+        Call it before :meth:`stop`. Discovery then knows which reads reach the output; without it, every
+        floating-point value that nothing reads counts as an output.
+        """
+        outs = self.outputs if self.outputs is not None else set()
+        stack = [obj]
+        while stack:
+            item = stack.pop()
+            if isinstance(item, torch.Tensor):
+                vid = self._ids.get(item)
+                if vid is not None:
+                    outs.add(vid)
+            elif isinstance(item, (list, tuple)):
+                stack.extend(item)
+            elif isinstance(item, dict):
+                stack.extend(item.values())
+        self.outputs = outs
+
     # -- recording ------------------------------------------------------------------------------------------
     def _vid(self, t: torch.Tensor) -> int:
         vid = self._ids.get(t)
@@ -203,7 +232,7 @@ class Trace(TorchFunctionMode):
 
     def _new_value(self, t: torch.Tensor, producer: int | None) -> int:
         vid = len(self.values)
-        self.values.append(Value(vid, t.shape, producer))
+        self.values.append(Value(vid, t.shape, producer, floating=t.is_floating_point()))
         self._ids[t] = vid
         return vid
 

@@ -10,7 +10,8 @@ and its output weights ``v_k`` (columns of every consumer) live. Slots hold the 
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from typing import Any, overload
 
 import torch
@@ -238,12 +239,92 @@ class Slot:
             p[:, cols] = shrunk[:, cols]
 
 
+class GroupedSlot(Slot):
+    """The output weights of neurons read by a grouped convolution (``groups > 1``; depthwise: one input per group).
+
+    A grouped conv with ``G`` groups has weight ``[out, in / G, *kernel]``: input channel ``j`` (group
+    ``g = j // (in / G)``, column ``c = j % (in / G)``) is read only by the ``out / G`` filters of group ``g``, so
+    neuron k owns the slice ``weight[g*out/G:(g+1)*out/G, c]`` for each input channel ``j`` in ``index[k]`` (channel
+    k alone when ``index`` is None).
+    """
+
+    def __init__(
+        self,
+        module: nn.Module,
+        module_name: str,
+        groups: int,
+        index: Tensor | None = None,
+        regularized: bool = True,
+    ) -> None:
+        super().__init__(module, module_name, "weight", 1, index, regularized)
+        self.groups = groups
+
+    def __repr__(self) -> str:
+        return super().__repr__()[:-1] + f", groups={self.groups})"
+
+    def _split(self, t: Tensor) -> Tensor:
+        """``t`` as ``[G, out/G, in/G, kernel]``."""
+        return t.reshape(self.groups, t.shape[0] // self.groups, t.shape[1], -1)
+
+    def reduce(self, t: Tensor, how: str = "sq") -> Tensor:
+        if t.dtype in (torch.float16, torch.bfloat16):
+            t = t.float()
+        e = t * t if how == "sq" else t.abs()
+        per_channel = self._split(e).sum((1, 3)).reshape(-1)  # [in], channel j = g * in/G + c
+        return per_channel if self.index is None else per_channel[self.index].sum(1)
+
+    def entries(self, t: Tensor) -> Tensor:
+        g4 = self._split(t)
+        cols = g4.permute(0, 2, 1, 3).reshape(g4.shape[0] * g4.shape[2], -1)  # one row per input channel
+        if self.index is None:
+            return cols
+        return cols[self.index.reshape(-1)].reshape(self.index.shape[0], -1)
+
+    def broadcast(self, s: Tensor, t: Tensor, fill: float = 1.0) -> Tensor:
+        n_in = t.shape[1] * self.groups
+        if self.index is None:
+            full = s
+        else:
+            full = torch.full((n_in,), fill, dtype=s.dtype, device=s.device)
+            full[self.index] = s.unsqueeze(1).to(full.dtype)
+        per = full.reshape(self.groups, 1, t.shape[1]).expand(self.groups, t.shape[0] // self.groups, t.shape[1])
+        return per.reshape(t.shape[0], t.shape[1], *([1] * (t.dim() - 2)))
+
+    def covers_all(self, num_neurons: int) -> bool:
+        n_in = self.tensor().shape[1] * self.groups
+        if self.index is None:
+            return n_in == num_neurons
+        return self.index.numel() == n_in and self.index.unique().numel() == n_in
+
+    @torch.no_grad()
+    def soft_threshold_(self, tau: float | Tensor) -> None:
+        p = self.tensor()
+        thr = self.broadcast(tau, p) if isinstance(tau, Tensor) and tau.dim() == 1 else tau
+        shrunk = p.sign() * (p.abs() - thr).clamp_min(0)
+        if self.index is None:
+            p.copy_(shrunk)
+        else:
+            owned = self.broadcast(torch.ones(self.index.shape[0], device=p.device), p, fill=0.0) > 0
+            p.copy_(torch.where(owned, shrunk, p))
+
+
+def is_conv1d(module: nn.Module) -> bool:
+    """True for Hugging Face's ``transformers.pytorch_utils.Conv1D`` (a Linear whose weight is ``[in, out]``)."""
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and getattr(module, "weight", None) is not None
+
+
+def _out_size(module: Any) -> int:
+    """Output features / channels of a Linear, Conv, HF Conv1D or BatchNorm."""
+    return int(module.weight.shape[1] if is_conv1d(module) else module.weight.shape[0])
+
+
 class NeuronGroup:
     """One group of neurons found by :func:`find_neurons`.
 
     Attributes:
         name: the group's name (its producer's module name; ``"<module>:rank"`` for low-rank components).
-        producers: sorted module names of the Linear/Conv layers that make the pre-activation.
+        producers: sorted module names of the Linear/Conv layers that make the pre-activation; a BatchNorm whose
+            input is not one such layer's output (a concatenation, as in DenseNet) is its own producer and norm.
         norms: the BatchNorm module name between each producer and the activation, or None (aligned with
             ``producers``).
         activation: ``"relu"``, ``"leaky_relu"``, ``"prelu"`` or ``"identity"`` (low-rank components).
@@ -355,6 +436,41 @@ class NeuronGroups(Sequence[NeuronGroup]):
         """Group names in order."""
         return [g.name for g in self._groups]
 
+    def non_homogeneous(self) -> dict[str, int]:
+        """How many activations of each kind were skipped for not being positively homogeneous (ReLU6, GELU, ...).
+
+        Example:
+            >>> net = nn.Sequential(nn.Linear(3, 8), nn.ReLU6(), nn.Linear(8, 8), nn.GELU(), nn.Linear(8, 1))
+            >>> find_neurons(net, torch.randn(2, 3)).non_homogeneous()
+            {'ReLU6': 1, 'GELU': 1}
+
+        """
+        counts: dict[str, int] = {}
+        for _, why in self.skipped:
+            if why.endswith(_NOT_HOMOGENEOUS):
+                kind = why.split(" ", 1)[0]
+                counts[kind] = counts.get(kind, 0) + 1
+        return counts
+
+    def found_instead(self) -> str:
+        """What the model has instead of ReLU-like neurons, for a message (empty when nothing was skipped for that).
+
+        Example:
+            >>> net = nn.Sequential(nn.Linear(3, 8), nn.ReLU6(), nn.Linear(8, 8), nn.ReLU6(), nn.Linear(8, 1))
+            >>> print(find_neurons(net, torch.randn(2, 3)).found_instead())  # doctest: +NORMALIZE_WHITESPACE
+            found 2 ReLU6 activation(s), which are not positively homogeneous (only ReLU, LeakyReLU and PReLU
+            neurons can be regularized)
+
+        """
+        counts = self.non_homogeneous()
+        if not counts:
+            return ""
+        found = ", ".join(f"{n} {kind}" for kind, n in counts.items())
+        return (
+            f"found {found} activation(s), which are not positively homogeneous (only ReLU, LeakyReLU and PReLU "
+            "neurons can be regularized)"
+        )
+
     def __str__(self) -> str:
         rows = [("group", "neurons", "activation", "producers", "norm", "consumers")]
         for g in self._groups:
@@ -389,16 +505,62 @@ class _Skip(Exception):
     pass
 
 
+_NOT_HOMOGENEOUS = "is not positively homogeneous (s(a t) != a s(t) for a > 0), so it has no neurons to regularize"
+_WEIGHTED = ("linear", "conv", "addmm")  # ops with parameters: reading a value there makes it live
+
+
+def _per_channel(lab: Tensor, ch: int) -> Tensor | None:
+    """``lab`` reduced to ``[batch, channels]`` when it is broadcast (stride 0) along every other dim, else None.
+
+    Such labels are the same at every position, so they need not all be read.
+    """
+    ch = ch % lab.dim()
+    if any(lab.stride(d) != 0 and lab.shape[d] > 1 for d in range(1, lab.dim()) if d != ch):
+        return None
+    index = tuple(slice(None) if d in (0, ch) else 0 for d in range(lab.dim()))
+    per = lab[index]  # [N, C]
+    if lab.shape[0] > 1 and lab.stride(0) != 0 and not bool((per == per[:1]).all()):
+        return None
+    return per
+
+
 class _Analysis:
     def __init__(self, trace: Trace, root: nn.Module) -> None:
         self.t = trace
         self.root = root
         self.modules = dict(root.named_modules())
+        self.n_ops = len(trace.ops)  # another callback's trace may still be recording (and see our own ops)
+        self._liveness()
+
+    # -- which values reach the output -----------------------------------------------------------------------
+    def _liveness(self) -> None:
+        """``self.live[vid]``: the value flows to the output or into a Linear/Conv; ``self.output[vid]``: is one.
+
+        Reads that lead nowhere (a statistic logged in ``forward``, a comparison steering Python control flow) do not
+        count as uses: rescaling or removing a neuron cannot change the model's output through them.
+        """
+        values = self.t.values[: max((v for op in self.t.ops[: self.n_ops] for v in op.outputs), default=-1) + 1]
+        if self.t.outputs is not None:
+            self.output = [v.vid in self.t.outputs for v in values]
+        else:  # unknown results: every floating-point value nothing reads may be one
+            self.output = [v.floating and not any(u < self.n_ops for u in v.uses) for v in values]
+        live = list(self.output)
+        self.op_live = [False] * len(self.t.ops)
+        for op in reversed(self.t.ops[: self.n_ops]):
+            if op.kind in _WEIGHTED or any(live[o] for o in op.outputs):
+                self.op_live[op.index] = True
+                for i in op.inputs:
+                    live[i] = True
+        self.live = live
+
+    def live_uses(self, vid: int) -> list[int]:
+        return [u for u in self.t.values[vid].uses if u < self.n_ops and self.op_live[u]]
 
     def module_of(self, op: Op, types: tuple[type, ...]) -> tuple[str, Any]:
         name = op.module
         found = self.modules.get(name) if name is not None else None
-        if name is None or found is None or not isinstance(found, types):
+        ok = found is not None and (isinstance(found, types) or (op.kind == "addmm" and is_conv1d(found)))
+        if name is None or not ok:
             raise _Skip(f"'{op.name}' is called outside a {types[0].__name__.rstrip('123d')} module ({name})")
         mod: Any = found
         if self.t.calls.get(name, 0) != 1:
@@ -409,28 +571,79 @@ class _Analysis:
                     f"the {param} of '{name}' has a parametrization lightning_bv cannot rescale in place "
                     f"(only apply_low_rank's is understood)"
                 )
+        if isinstance(mod, _CONV) and mod.groups != 1 and low_rank_factors(mod) is not None:
+            raise _Skip(f"'{name}' is a low-rank grouped convolution")
         return name, mod
+
+    def data_vid(self, op: Op) -> int | None:
+        """The activation input of a weighted op (``addmm(bias, x, weight)`` reads ``x``)."""
+        if op.kind == "addmm":
+            x = op.args[1] if len(op.args) > 1 else None
+            return x.vid if isinstance(x, Ref) else None
+        return op.data_input()
+
+    def weighted_op(self, vid: int) -> Op | None:
+        """The Linear/Conv/Conv1D call that made value ``vid`` (seeing through the reshape inside HF ``Conv1D``)."""
+        p = self.t.values[vid].producer
+        if p is None:
+            return None
+        op = self.t.ops[p]
+        if op.kind in ("linear", "conv"):
+            return op
+        if op.kind == "layout" and op.name in ("view", "reshape") and op.module is not None:
+            inner = op.data_input()
+            ip = self.t.values[inner].producer if inner is not None else None
+            core = self.t.ops[ip] if ip is not None else None
+            mod = self.modules.get(op.module)
+            if (
+                core is not None
+                and core.kind == "addmm"
+                and core.module == op.module
+                and mod is not None
+                and is_conv1d(mod)
+                and len(self.live_uses(core.outputs[0])) == 1
+            ):
+                return core
+        return op if op.kind == "addmm" else None
+
+    def through_pools(self, vid: int | None) -> int | None:
+        """Step back from ``vid`` through pools and dropout (per channel) that are the only readers of their input."""
+        while vid is not None:
+            p = self.t.values[vid].producer
+            op = self.t.ops[p] if p is not None else None
+            inner = op.data_input() if op is not None else None
+            if op is None or op.kind not in ("pool", "dropout") or inner is None or len(self.live_uses(inner)) != 1:
+                return vid
+            if op.kind == "pool" and len(self.t.values[inner].shape) != len(self.t.values[vid].shape):
+                return vid
+            vid = inner
+        return vid
 
     # -- producer side ---------------------------------------------------------------------------------------
     def producers(self, vid: int) -> list[tuple[str, Any, str | None, Any]]:
         value = self.t.values[vid]
         if value.producer is None:
             raise _Skip("the pre-activation comes straight from an input or a parameter-free path")
-        if len(value.uses) != 1:
+        if len(self.live_uses(vid)) != 1:
             raise _Skip("the pre-activation (or a branch of its sum) is also read elsewhere, e.g. by a residual stream")
         op = self.t.ops[value.producer]
         if op.kind == "norm":
             bn_name, bn = self.module_of(op, _BN)
             if bn.weight is None:
                 raise _Skip(f"BatchNorm '{bn_name}' has affine=False (no gamma to rescale)")
-            inner = op.data_input()
-            pop = self.t.ops[self.t.values[inner].producer] if inner is not None else None  # type: ignore[index]
-            if pop is None or pop.kind not in ("linear", "conv"):
-                raise _Skip(f"BatchNorm '{bn_name}' does not read a Linear/Conv output")
-            name, mod = self.module_of(pop, (nn.Linear, *_CONV))
-            return [(name, mod, bn_name, bn)]
-        if op.kind in ("linear", "conv"):
-            name, mod = self.module_of(op, (nn.Linear, *_CONV))
+            inner = self.through_pools(op.data_input())
+            pop = self.weighted_op(inner) if inner is not None else None
+            if pop is not None and len(self.live_uses(inner)) == 1:  # type: ignore[arg-type]
+                try:
+                    name, mod = self.module_of(pop, (nn.Linear, *_CONV))
+                    return [(name, mod, bn_name, bn)]
+                except _Skip:
+                    pass
+            # the BatchNorm alone: input scale |gamma_k|, bias beta_k (a concat, an input, a tensor read elsewhere)
+            return [(bn_name, bn, bn_name, bn)]
+        wop = self.weighted_op(vid)
+        if wop is not None:
+            name, mod = self.module_of(wop, (nn.Linear, *_CONV))
             return [(name, mod, None, None)]
         if op.kind == "add":
             if len(op.inputs) != 2 or op.kwargs.get("alpha", 1) != 1:
@@ -438,7 +651,7 @@ class _Analysis:
             out = []
             for v in op.inputs:
                 p = self.t.values[v].producer
-                if p is None or self.t.ops[p].kind not in ("linear", "conv", "norm", "add"):
+                if p is None or (self.t.ops[p].kind not in ("norm", "add") and self.weighted_op(v) is None):
                     raise _Skip("the pre-activation also flows through a parameter-free path (identity skip)")
                 out += self.producers(v)
             return out
@@ -454,12 +667,14 @@ class _Analysis:
         view[ch_dim] = k
         labels = {out_vid: torch.arange(1, k + 1, dtype=torch.float32).reshape(view).expand(shape)}
         found: list[tuple[str, Any, Tensor]] = []
-        for op in self.t.ops[act.index + 1 :]:
+        for op in self.t.ops[act.index + 1 : self.n_ops]:
+            if not self.op_live[op.index]:
+                continue  # a read whose result never reaches the output
             reached = [v for v in op.inputs if v in labels]
             if not reached:
                 continue
-            if op.kind in ("linear", "conv"):
-                if op.data_input() not in labels or len(reached) > 1:
+            if op.kind in _WEIGHTED:
+                if self.data_vid(op) not in labels or len(reached) > 1:
                     raise _Skip(f"the activation is used as a weight of '{op.name}'")
                 found.append(self.consumer(op, labels[reached[0]]))
                 continue
@@ -467,7 +682,7 @@ class _Analysis:
             for vid, lab in zip(op.outputs, new):
                 labels[vid] = lab
         for vid in labels:
-            if not self.t.values[vid].uses:
+            if self.output[vid]:
                 raise _Skip("the activation reaches the model output without a Linear/Conv in between")
         if not found:
             raise _Skip("no Linear/Conv reads the activation")
@@ -490,11 +705,14 @@ class _Analysis:
         if op.kind == "dropout":
             return [x]
         if op.kind == "pool":  # channel-preserving: every output position of channel c carries c's label
-            flat = x.reshape(*x.shape[:2], -1)
-            if not bool((flat.amax(-1) == flat.amin(-1)).all()):
-                raise _Skip(f"'{op.name}' pools over positions of different neurons")
             shape = self.t.values[op.outputs[0]].shape
-            return [flat[..., 0].reshape(*flat.shape[:2], *([1] * (len(shape) - 2))).expand(shape)]
+            per = _per_channel(x, 1)
+            if per is None:
+                flat = x.reshape(*x.shape[:2], -1)
+                if not bool((flat.amax(-1) == flat.amin(-1)).all()):
+                    raise _Skip(f"'{op.name}' pools over positions of different neurons")
+                per = flat[..., 0]
+            return [per.reshape(*per.shape[:2], *([1] * (len(shape) - 2))).expand(shape)]
         if op.kind == "reduce":
             dim = op.args[1] if len(op.args) > 1 else op.kwargs.get("dim")
             keep = op.args[2] if len(op.args) > 2 else op.kwargs.get("keepdim", False)
@@ -506,15 +724,21 @@ class _Analysis:
 
     def consumer(self, op: Op, lab: Tensor) -> tuple[str, Any, Tensor]:
         name, mod = self.module_of(op, (nn.Linear, *_CONV))
-        if isinstance(mod, nn.Linear):
-            per = lab.reshape(-1, lab.shape[-1])
+        ch = -1 if isinstance(mod, nn.Linear) or is_conv1d(mod) else 1
+        fast = _per_channel(lab, ch)  # a label broadcast over positions (the usual case): no need to read them all
+        if fast is not None:
+            first = fast.reshape(-1, fast.shape[-1])[0] if ch == -1 else fast[0]
         else:
-            if mod.groups != 1:
-                raise _Skip(f"consumer '{name}' is a grouped convolution (groups={mod.groups})")
-            per = lab.transpose(0, 1).reshape(lab.shape[1], -1).T
-        if not bool((per == per[0]).all()) or bool((per[0] < 0).any()):
+            per = lab.reshape(-1, lab.shape[-1]) if ch == -1 else lab.transpose(0, 1).reshape(lab.shape[1], -1).T
+            if not bool((per == per[0]).all()):
+                raise _Skip(f"consumer '{name}' reads positions that mix several neurons")
+            first = per[0]
+        if bool((first < 0).any()):
             raise _Skip(f"consumer '{name}' reads positions that mix several neurons")
-        feat = per[0].long()
+        feat = first.long()
+        k = int(feat.shape[0])
+        if torch.equal(feat, torch.arange(1, k + 1)):  # the usual case: input feature j is neuron j
+            return name, mod, torch.arange(k).unsqueeze(1)
         cols = torch.nonzero(feat > 0).flatten()
         order = torch.argsort(feat[cols], stable=True)
         cols, owners = cols[order], feat[cols][order]
@@ -523,22 +747,40 @@ class _Analysis:
             raise _Skip(f"consumer '{name}' reads the neurons unevenly (some channels are sliced away)")
         return name, mod, cols.reshape(counts.numel(), -1)
 
+    def consumer_slot(self, name: str, mod: Any, idx: Tensor) -> Slot:
+        reg = not is_null_space(mod)
+        n_in = int(mod.weight.shape[0] if is_conv1d(mod) else mod.weight.shape[1])
+        groups = int(getattr(mod, "groups", 1))
+        n_in *= groups
+        trivial = (
+            idx.shape[1] == 1 and idx.shape[0] == n_in and bool((idx.flatten() == torch.arange(idx.shape[0])).all())
+        )
+        if is_conv1d(mod):  # weight [in, out]: neuron k owns input row k
+            if not trivial:
+                raise _Skip(f"consumer '{name}' (Conv1D) reads the neurons in another order or in part")
+            return Slot(mod, name, "weight", 0, regularized=reg)
+        if groups != 1:
+            return GroupedSlot(mod, name, groups, None if trivial else idx, regularized=reg)
+        return Slot(mod, name, "weight", 1, None if trivial else idx, regularized=reg)
+
     # -- groups ----------------------------------------------------------------------------------------------
     def group(self, act: Op) -> NeuronGroup:
         pre = act.data_input()
         if pre is None:
             raise _Skip("activation input is not a recorded tensor")
         prods = self.producers(pre)
-        k = int(prods[0][1].weight.shape[0])
-        if any(m.weight.shape[0] != k for _, m, _, _ in prods):
+        k = _out_size(prods[0][1])
+        if any(_out_size(m) != k for _, m, _, _ in prods):
             raise _Skip("summed producers have different widths")
-        ch_dim = -1 if isinstance(prods[0][1], nn.Linear) else 1
+        first = prods[0][1]
+        ch_dim = -1 if isinstance(first, nn.Linear) or is_conv1d(first) else 1
         cons = self.consumers(act, k, ch_dim)
         w_slots, b_slots, v_slots = [], [], []
         for name, mod, bn_name, bn in sorted(prods, key=lambda p: p[0]):
             reg = not is_null_space(mod)
             owner, owner_name = (bn, str(bn_name)) if bn is not None else (mod, name)
-            w_slots.append(Slot(owner, owner_name, "weight", 0, regularized=reg))
+            w_dim = 1 if is_conv1d(owner) else 0  # a Conv1D's neuron k owns weight column k
+            w_slots.append(Slot(owner, owner_name, "weight", w_dim, regularized=reg))
             if owner.bias is not None:
                 b_slots.append(Slot(owner, owner_name, "bias", 0, regularized=False))
         names = set()
@@ -546,12 +788,7 @@ class _Analysis:
             if name in names:
                 raise _Skip(f"consumer '{name}' reads the activation twice")
             names.add(name)
-            trivial = (
-                idx.shape[1] == 1
-                and idx.shape[0] == mod.weight.shape[1]
-                and bool((idx.flatten() == torch.arange(idx.shape[0])).all())
-            )
-            v_slots.append(Slot(mod, name, "weight", 1, None if trivial else idx, regularized=not is_null_space(mod)))
+            v_slots.append(self.consumer_slot(name, mod, idx))
         producers = sorted(p[0] for p in prods)
         norms = [bn for _, _, bn, _ in sorted(prods, key=lambda p: p[0])]
         slope = act.args[1] if len(act.args) > 1 else act.kwargs.get("weight")
@@ -568,6 +805,14 @@ class _Analysis:
             v_slots,
             activation_module=(act.module or "") if per_neuron else None,
         )
+
+    def non_homogeneous(self, op: Op) -> str:
+        """The skip reason of a non-homogeneous activation, naming its module class when it has one (``ReLU6``)."""
+        mod = self.modules.get(op.module) if op.module is not None else None
+        kind = op.name.rstrip("_")
+        if mod is not None and "activation" in type(mod).__module__:
+            kind = type(mod).__name__
+        return f"{kind} {_NOT_HOMOGENEOUS}"
 
 
 def own_factors(groups: Sequence[NeuronGroup]) -> list[str]:
@@ -631,10 +876,13 @@ def analyze(trace: Trace, root: nn.Module, targets: Targets = None, exclude: Tar
     groups: list[NeuronGroup] = []
     skipped: list[tuple[str, str]] = []
     for op in trace.ops:
-        if op.kind != "act":
+        if op.kind not in ("act", "nonhom"):
             continue
         where = op.module or "<root>"
         label = f"{op.name} (op {op.index} in '{where}')"
+        if op.kind == "nonhom":
+            skipped.append((label, a.non_homogeneous(op)))
+            continue
         try:
             groups.append(a.group(op))
         except _Skip as why:
@@ -657,23 +905,32 @@ def analyze(trace: Trace, root: nn.Module, targets: Targets = None, exclude: Tar
 
 
 def find_neurons(
-    model: nn.Module, example_input: Tensor | tuple[Any, ...], *, targets: Targets = None, exclude: Targets = None
+    model: nn.Module,
+    example_input: Tensor | tuple[Any, ...] | Mapping[str, Any],
+    *,
+    targets: Targets = None,
+    exclude: Targets = None,
 ) -> NeuronGroups:
     """Find every group of positively homogeneous neurons (ReLU, LeakyReLU, PReLU) in ``model``.
 
-    Runs ``model(example_input)`` (or ``model(*example_input)`` for a tuple) once and reads the real dataflow, so
-    models with data-dependent Python control flow work. The model is left as it was: buffers (BatchNorm running
-    statistics) and the random number generator state are restored.
+    Runs ``model(example_input)`` (``model(*example_input)`` for a tuple, ``model(**example_input)`` for a dict, as
+    Hugging Face models take ``input_ids=...``) once and reads the real dataflow, so models with data-dependent Python
+    control flow work. Only reads whose results reach the output (or another layer's input) count: a statistic
+    logged in ``forward`` or a comparison that picks a branch does not make a group unsafe. The model is left as it
+    was: buffers (BatchNorm running statistics) are copied back in place and the random number generator state is
+    restored.
 
     Args:
         model: any ``nn.Module``.
-        example_input: a tensor, or a tuple of positional arguments.
+        example_input: a tensor (floating point, or integer token ids), a tuple of positional arguments, or a dict of
+            keyword arguments.
         targets: keep only groups whose producer (or name) matches: a str is a regex on the full module name, a
             list matches exactly or by ``.suffix``.
         exclude: drop groups matching this rule (same form); wins over ``targets``.
 
     Returns:
-        NeuronGroups: the groups, with ``.skipped`` listing every activation left out and why.
+        NeuronGroups: the groups, with ``.skipped`` listing every activation left out and why (non-homogeneous
+        activations such as ReLU6 or GELU included: :meth:`NeuronGroups.found_instead` summarizes them).
 
     Example:
         >>> net = nn.Sequential(nn.Linear(3, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 1))
@@ -684,22 +941,37 @@ def find_neurons(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"`model` must be an nn.Module, got {type(model).__name__}")
-    if not isinstance(example_input, (Tensor, tuple)):
+    if not isinstance(example_input, (Tensor, tuple, Mapping)):
         raise TypeError(
-            f"`example_input` must be a tensor or a tuple of positional arguments, got {type(example_input).__name__}"
+            "`example_input` must be a tensor, a tuple of positional arguments or a dict of keyword arguments, got "
+            f"{type(example_input).__name__}"
         )
-    args = example_input if isinstance(example_input, tuple) else (example_input,)
-    buffers = {
-        k: v.detach().clone() for k, v in model.state_dict(keep_vars=True).items() if not isinstance(v, nn.Parameter)
-    }
+    if isinstance(example_input, Mapping):
+        args: tuple[Any, ...] = ()
+        kwargs = dict(example_input)
+    else:
+        args, kwargs = example_input if isinstance(example_input, tuple) else (example_input,), {}
     trace = Trace(model)
-    try:
-        with torch.random.fork_rng(devices=[]), torch.enable_grad():
-            trace.start()
-            try:
-                model(*args)
-            finally:
-                trace.stop()
-    finally:
-        model.load_state_dict(buffers, strict=False)
+    with _buffers_restored(model), torch.random.fork_rng(devices=[]), torch.enable_grad():
+        trace.start()
+        try:
+            trace.mark_outputs(model(*args, **kwargs))
+        finally:
+            trace.stop()
     return analyze(trace, model, targets, exclude)
+
+
+@contextmanager
+def _buffers_restored(model: nn.Module) -> Iterator[None]:
+    """Copy every buffer back in place on exit.
+
+    Not through ``load_state_dict``: a plain dict has no ``_metadata``, and modules whose ``_load_from_state_dict``
+    reads its version (torchvision's MNASNet) refuse it.
+    """
+    saved = [(b, b.detach().clone()) for b in model.buffers()]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for b, copy in saved:
+                b.copy_(copy)

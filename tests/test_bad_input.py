@@ -121,7 +121,7 @@ def callback_arg(cls: Any, **kwargs: Any) -> Callable[[nn.Module], Any]:
 FUNCTION_ROWS: list[tuple[str, Callable[[], nn.Module], Callable[[nn.Module], Any], type, str]] = [
     # find_neurons
     ("find_neurons-model", mlp, lambda m: lbv.find_neurons(None, X), TypeError, r"`model` must be an nn\.Module, got NoneType"),
-    ("find_neurons-input-list", mlp, lambda m: lbv.find_neurons(m, [X]), TypeError, r"`example_input` must be a tensor or a tuple of positional arguments, got list"),
+    ("find_neurons-input-list", mlp, lambda m: lbv.find_neurons(m, [X]), TypeError, r"`example_input` must be a tensor, a tuple of positional arguments or a dict of keyword arguments, got list"),
     ("find_neurons-targets-nothing", mlp, lambda m: lbv.find_neurons(m, X, targets=["nope"]), lbv.TargetsMatchNothingError, MATCH_NOTHING),
     ("find_neurons-targets-type", mlp, lambda m: lbv.find_neurons(m, X, targets=3), TypeError, r"`targets` must be None, a regex string or a list of module names, got 3"),
     ("find_neurons-exclude-regex", mlp, lambda m: lbv.find_neurons(m, X, exclude="(["), ValueError, r"`exclude`='\(\[' is not a valid regular expression"),
@@ -150,7 +150,7 @@ FUNCTION_ROWS: list[tuple[str, Callable[[], nn.Module], Callable[[nn.Module], An
     # path_norm
     ("path_norm-model", mlp, lambda m: lbv.path_norm(None, X), TypeError, r"`model` must be an nn\.Module, got NoneType"),
     ("path_norm-p", mlp, lambda m: lbv.path_norm(m, X, p=0.5), ValueError, r"`p` must be a finite number >= 1, got 0\.5"),
-    ("path_norm-integer-input", mlp, lambda m: lbv.path_norm(m, X.long()), ValueError, r"`example_input` must be a floating-point tensor"),
+    ("path_norm-integer-input", mlp, lambda m: lbv.path_norm(m, X.long()), ValueError, r"`example_input` must be a floating-point tensor, or integer token ids that the model reads with an embedding \(nn.Embedding\); `linear` in module .0. reads the integer input"),
     ("path_norm-unsupported-layer", lambda: nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1)), lambda m: lbv.path_norm(m, X), NotImplementedError, r"path_norm does not support `tanh` in module '1' \(Tanh\)"),
     # low rank
     ("apply_low_rank-model", mlp, lambda m: lbv.apply_low_rank(None, rank=1), TypeError, r"`model` must be an nn\.Module, got NoneType"),

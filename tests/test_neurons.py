@@ -227,7 +227,7 @@ def test_targets_and_exclude():
 def test_bad_arguments():
     with pytest.raises(TypeError, match="`model` must be an nn.Module"):
         find_neurons("net", torch.randn(1))  # type: ignore[arg-type]
-    with pytest.raises(TypeError, match="`example_input` must be a tensor or a tuple"):
+    with pytest.raises(TypeError, match="`example_input` must be a tensor, a tuple of positional arguments or a dict"):
         find_neurons(nn.Linear(1, 1), [1.0])  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="`targets` must be None, a regex string or a list"):
         find_neurons(nn.Linear(1, 1), torch.randn(1, 1), targets=3)  # type: ignore[arg-type]
@@ -262,3 +262,180 @@ def test_traces_stopped_in_any_order_give_the_compiler_its_stance_back():
     assert torch._dynamo.eval_frame._stance.stance == "force_eager"
     b.stop()
     assert torch._dynamo.eval_frame._stance.stance == "default"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# reads that never reach the output (issue 12), non-homogeneous activations, metadata, BatchNorm over a concat
+# ---------------------------------------------------------------------------------------------------------------
+class Gated(nn.Module):
+    """``if h.mean() > t: h = relu(h)``, and a statistic of the pre-activation kept for logging."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(3, 8), nn.Linear(8, 2)
+        self.stats = []
+
+    def forward(self, x):
+        h = self.fc1(x)
+        self.stats.append(h.detach().abs().mean())  # logged, never part of the output
+        h = F.relu(h) if h.mean() > -100.0 else h  # a branch chosen on a statistic
+        return self.fc2(h)
+
+
+def test_reads_that_never_reach_the_output_do_not_make_a_group_unsafe():
+    groups = find_neurons(Gated(), torch.randn(4, 3))
+    assert summary(groups) == [(("fc1",), None, "relu", ("fc2",), 8)]
+    assert groups.skipped == []
+
+
+class ReadAfterActivation(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(3, 8), nn.Linear(8, 2)
+        self.last = None
+
+    def forward(self, x):
+        a = torch.relu(self.fc1(x))
+        self.last = a.sum(0)  # kept on the module, not returned
+        return self.fc2(a)
+
+
+def test_a_statistic_of_the_activation_is_not_a_use():
+    groups = find_neurons(ReadAfterActivation(), torch.randn(4, 3))
+    assert summary(groups) == [(("fc1",), None, "relu", ("fc2",), 8)]
+
+
+def test_a_read_that_reaches_the_output_still_makes_a_group_unsafe():
+    class Leaky(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.fc2 = nn.Linear(3, 8), nn.Linear(8, 2)
+
+        def forward(self, x):
+            h = self.fc1(x)
+            return self.fc2(F.relu(h)), h.mean()  # the statistic is an output
+
+    groups = find_neurons(Leaky(), torch.randn(4, 3))
+    assert len(groups) == 0
+    assert "also read elsewhere" in groups.skipped[0][1]
+
+
+def test_non_homogeneous_activations_are_listed_with_the_reason():
+    # mobilenet_v2 style: every activation a ReLU6
+    net = nn.Sequential(
+        nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU6(inplace=True), nn.Conv2d(8, 8, 1), nn.ReLU6(),
+        nn.Flatten(), nn.Linear(8 * 36, 8), nn.GELU(), nn.Linear(8, 8), nn.SiLU(), nn.Linear(8, 8), nn.Hardswish(),
+        nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 8), nn.Sigmoid(), nn.Linear(8, 1),
+    )  # fmt: skip
+    groups = find_neurons(net, torch.randn(2, 3, 8, 8))
+    assert len(groups) == 0
+    kinds = ["ReLU6", "ReLU6", "GELU", "SiLU", "Hardswish", "Tanh", "Sigmoid"]
+    assert [why.split(" ")[0] for _, why in groups.skipped] == kinds
+    assert all("is not positively homogeneous" in why for _, why in groups.skipped)
+    assert groups.skipped[0][0].startswith("hardtanh (op ")  # the op ReLU6 calls, in its module
+    assert groups.non_homogeneous() == {"ReLU6": 2, "GELU": 1, "SiLU": 1, "Hardswish": 1, "Tanh": 1, "Sigmoid": 1}
+    assert groups.found_instead().startswith("found 2 ReLU6, 1 GELU, 1 SiLU, 1 Hardswish, 1 Tanh, 1 Sigmoid activation")
+    assert (
+        find_neurons(nn.Sequential(nn.Linear(2, 3), nn.ReLU(), nn.Linear(3, 1)), torch.randn(1, 2)).found_instead()
+        == ""
+    )
+
+
+class Versioned(nn.Module):
+    """torchvision MNASNet's check: loading a state_dict without its metadata raises."""
+
+    _version = 2
+
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 2, 3))
+
+    def forward(self, x):
+        return self.net(x)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, *args):
+        if local_metadata.get("version") not in (1, 2):
+            raise ValueError(f"version should be set to 1 or 2 instead of {local_metadata.get('version')}")
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, *args)
+
+
+def test_buffers_are_restored_in_place_without_load_state_dict():
+    model = Versioned().train()
+    bn = model.net[1]
+    mean, count = bn.running_mean, bn.num_batches_tracked
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    groups = find_neurons(model, 3 + torch.randn(2, 1, 6, 6))
+    assert [g.name for g in groups] == ["net.0"]
+    assert bn.running_mean is mean  # the same tensors, values copied back
+    assert bn.num_batches_tracked is count
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+class ConcatNorm(nn.Module):
+    """DenseNet's dense layer: BatchNorm-ReLU over the concatenation of earlier features."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 4, 1), nn.Conv2d(3, 2, 1)
+        self.norm = nn.BatchNorm2d(6)
+        self.conv = nn.Conv2d(6, 5, 1)
+        self.head = nn.Conv2d(4, 5, 1)
+
+    def forward(self, x):
+        a = self.a(x)
+        return self.conv(F.relu(self.norm(torch.cat([a, self.b(x)], 1)))) + self.head(a)
+
+
+def test_batchnorm_over_a_concat_is_its_own_producer():
+    model = ConcatNorm()
+    groups = find_neurons(model, torch.randn(2, 3, 4, 4))
+    assert summary(groups) == [(("norm",), "norm", "relu", ("conv",), 6)]
+    g = groups[0]
+    # input scale |gamma_k|, bias beta_k
+    assert [(s.module_name, s.param) for s in g.w_slots + g.b_slots] == [("norm", "weight"), ("norm", "bias")]
+    assert g.w_slots[0].regularized
+
+
+def test_dict_and_token_inputs():
+    class Tokens(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb, self.fc1, self.fc2 = nn.Embedding(10, 4), nn.Linear(4, 6), nn.Linear(6, 1)
+
+        def forward(self, input_ids, attention_mask=None):
+            h = self.emb(input_ids)
+            if attention_mask is not None:
+                h = h * attention_mask.unsqueeze(-1)
+            return self.fc2(F.relu(self.fc1(h))).sum(1)
+
+    ids = torch.randint(0, 10, (2, 5))
+    groups = find_neurons(Tokens(), {"input_ids": ids, "attention_mask": torch.ones(2, 5)})
+    assert summary(groups) == [(("fc1",), None, "relu", ("fc2",), 6)]
+    assert summary(find_neurons(Tokens(), ids)) == summary(groups)
+
+
+def test_without_marked_outputs_every_unread_value_counts_as_one():
+    from lightning_bv._trace import Trace
+    from lightning_bv.neurons import analyze
+
+    class Logged(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.fc2 = nn.Linear(3, 8), nn.Linear(8, 2)
+
+        def forward(self, x):
+            h = self.fc1(x)
+            self.stat = h.abs().mean()  # a statistic for logging
+            return self.fc2(F.relu(h))
+
+    model = Logged()
+    for marked in (False, True):
+        trace = Trace(model).start()
+        try:
+            out = model(torch.randn(4, 3))
+            if marked:
+                trace.mark_outputs(out)
+        finally:
+            trace.stop()
+        assert len(analyze(trace, model)) == int(marked)

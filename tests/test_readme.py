@@ -113,3 +113,18 @@ def test_api_table_shows_the_real_defaults():
                 else:
                     assert arg in params, f"{call[0]} has no parameter {arg!r} (README.md)"
     assert checked >= 20
+
+
+def test_hugging_face_snippet_saves_and_loads_a_compacted_opt(tmp_path, monkeypatch):
+    pytest.importorskip("transformers")
+    monkeypatch.chdir(tmp_path)
+    torch.manual_seed(0)
+    scope: dict = {}
+    exec(blocks("python")[2], scope)  # noqa: S102
+    model, fresh, batch = scope["model"], scope["fresh"], scope["batch"]
+    widths = [layer.fc1.out_features for layer in fresh.model.decoder.layers]
+    assert all(w < 256 for w in widths)
+    assert widths == [layer.fc1.out_features for layer in model.model.decoder.layers]
+    assert fresh.lm_head.weight is fresh.model.decoder.embed_tokens.weight
+    with torch.no_grad():
+        assert torch.equal(fresh(**batch).logits, model(**batch).logits)

@@ -50,11 +50,18 @@ class GroupDiscovery:
         if self._args is None and is_own_forward(module):
             self._args = args  # references only: slicing here would be recorded by the trace
 
-    def finish(self, module: nn.Module) -> NeuronGroups | None:
-        """Stop recording; the groups found, or None when nothing was being recorded."""
+    def finish(self, module: nn.Module, outputs: Any = None) -> NeuronGroups | None:
+        """Stop recording; the groups found, or None when nothing was being recorded.
+
+        ``outputs`` (the step's loss, in ``on_before_backward``) are the results that matter: reads that do not
+        reach them (a statistic logged in ``forward``) then do not make a group unsafe. Without them every
+        floating-point value that nothing reads counts as a result.
+        """
         if self._trace is None:
             return None
         trace = self._trace
+        if outputs is not None:
+            trace.mark_outputs(outputs)
         self.abort()
         if self.example_input is None and self._args is not None:
             self.example_input = tuple(_first_sample(a) for a in self._args)

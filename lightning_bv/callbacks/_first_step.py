@@ -88,8 +88,11 @@ def first_train_batch(trainer: Any, pl_module: Any) -> tuple[Any, str]:
     return pl_module.on_after_batch_transfer(batch, 0), ""
 
 
-def run_first_training_step(trainer: Any, pl_module: Any) -> str:
+def run_first_training_step(trainer: Any, pl_module: Any, outputs: list[Any] | None = None) -> str:
     """Call ``pl_module.training_step`` on the first train batch (logging muted, state restored).
+
+    ``outputs``: a list that receives what ``training_step`` returned (the loss: what a trace of the step should
+    treat as its result).
 
     Returns:
         ``""`` when the step ran, else why it could not (no dataloader yet, an empty one...). An exception raised by
@@ -103,6 +106,8 @@ def run_first_training_step(trainer: Any, pl_module: Any) -> str:
                 return why
             pl_module.train()
             out = pl_module.training_step(batch, 0)
+            if outputs is not None:
+                outputs.append(out)
             del out
     finally:
         pl_module.train(was_training)

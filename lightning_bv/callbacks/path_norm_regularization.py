@@ -187,9 +187,11 @@ class PathNormRegularization(CallbackBase):
         self.groups = groups
         if len(groups) == 0:
             why = "; ".join(f"{n}: {r}" for n, r in groups.skipped) or "the model has no ReLU neurons"
+            instead = groups.found_instead()
             rank_zero_warn(
-                f"PathNormRegularization found no neuron group to regularize; training goes on unchanged. "
-                f"Skipped: {why}"
+                "PathNormRegularization found no neuron group to regularize; training goes on unchanged. "
+                + (f"It {instead}. " if instead else "")
+                + f"Skipped: {why}"
             )
 
     @property
@@ -221,8 +223,9 @@ class PathNormRegularization(CallbackBase):
             groups = find_neurons(pl_module, example, targets=self.targets, exclude=self.exclude)
         else:
             self._discovery.start(pl_module)
+            outputs: list[Any] = []
             try:
-                why = run_first_training_step(trainer, pl_module)
+                why = run_first_training_step(trainer, pl_module, outputs)
             except BaseException:
                 self._discovery.abort()
                 raise
@@ -235,7 +238,7 @@ class PathNormRegularization(CallbackBase):
                     "`example_input_array`."
                 )
                 return
-            found = self._discovery.finish(pl_module)
+            found = self._discovery.finish(pl_module, outputs or None)
             assert found is not None
             groups = found
         if self.lifts and len(groups):
@@ -259,14 +262,14 @@ class PathNormRegularization(CallbackBase):
         if self.groups is None:
             self._discovery.start(pl_module)
 
-    def _finish_trace(self, pl_module: pl.LightningModule) -> None:
-        groups = self._discovery.finish(pl_module)
+    def _finish_trace(self, pl_module: pl.LightningModule, loss: Tensor | None = None) -> None:
+        groups = self._discovery.finish(pl_module, loss)
         if groups is not None:
             self._found(groups)
 
     @override
     def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Tensor) -> None:
-        self._finish_trace(pl_module)
+        self._finish_trace(pl_module, loss)
 
     @override
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:

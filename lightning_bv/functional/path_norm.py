@@ -18,7 +18,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -150,7 +150,42 @@ class _PathNormMode(TorchFunctionMode):
         self.p = p
         self.module_stack: list[tuple[str, nn.Module, bool]] = []
         self._acts: set[int] = set()
-        self._alive: list[Tensor] = []  # keeps the ids in _acts from being reused
+        self._alive: list[Tensor] = []  # keeps the ids in _acts (and _tokens) from being reused
+        self._tokens: set[int] = set()  # integer inputs (token ids) and their views
+
+    def mark_tokens(self, obj: Any) -> None:
+        for t in _tensors(obj):
+            self._tokens.add(id(t))
+            self._alive.append(t)
+
+    def _token_op(self, func: Callable, name: str, args: Sequence[Any], kwargs: dict) -> Any:
+        """An op reading token ids: an embedding starts paths; views of the ids stay ids; others give constants."""
+        if func in (F.embedding, torch.embedding) and isinstance(args[0], Tensor) and id(args[0]) in self._tokens:
+            b = inspect.signature(F.embedding).bind(*args, **kwargs).arguments if func is F.embedding else {}
+            if b.get("max_norm") is not None:
+                raise self.refuse("`embedding` with max_norm (it renormalizes its weight in place)")
+            weight = args[1] if len(args) > 1 else kwargs["weight"]
+            ids = args[0]
+            # an embedding is a Linear on the one-hot token: all-ones input -> the column sums of |E|^p at each position
+            row = _abs_pow(weight.to(torch.float64), self.p).sum(0)
+            out = row.expand(*ids.shape, row.shape[0]).clone()
+            self.mark(out)
+            return out
+        where = f" in module '{self.module_stack[-1][0] or '<root>'}'" if self.module_stack else ""
+        wrong = ValueError(
+            "`example_input` must be a floating-point tensor, or integer token ids that the model reads with an "
+            f"embedding (nn.Embedding); `{name}`{where} reads the integer input instead"
+        )
+        try:
+            out = func(*args, **kwargs)
+        except (RuntimeError, TypeError) as err:
+            raise wrong from err
+        results = list(_tensors(out))
+        if _HANDLER.get(func) == "move" and results and all(not t.is_floating_point() for t in results):
+            self.mark_tokens(out)
+        elif any(t.is_floating_point() for t in results):
+            raise wrong
+        return out
 
     def enter_hook(self, name: str) -> Callable[[nn.Module, Any], None]:
         def hook(module: nn.Module, args: Any) -> None:
@@ -198,6 +233,8 @@ class _PathNormMode(TorchFunctionMode):
 
     def __torch_function__(self, func: Callable, types: Any, args: Sequence[Any] = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
+        if self._tokens and any(id(t) in self._tokens for t in _tensors((args, kwargs))):
+            return self._token_op(func, getattr(func, "__name__", repr(func)), args, kwargs)
         if not any(self.is_act(t) for t in _tensors((args, kwargs))):
             return func(*args, **kwargs)  # parameters and constants only
         name = getattr(func, "__name__", repr(func))
@@ -296,7 +333,7 @@ class _PathNormMode(TorchFunctionMode):
         return avg * (sizes if "max" in name else sizes.pow(1 - self.p))  # max: sum over the window
 
 
-def path_norm(model: nn.Module, example_input: Tensor | tuple, p: float = 1) -> Tensor:
+def path_norm(model: nn.Module, example_input: Tensor | tuple | Mapping[str, Any], p: float = 1) -> Tensor:
     r"""Whole-network :math:`\ell_p` path-norm of ``model``, differentiable with respect to its parameters.
 
     The sum over all input-output paths of :math:`\prod |w|^p` (a bias starts a path at its neuron), to the power
@@ -309,8 +346,10 @@ def path_norm(model: nn.Module, example_input: Tensor | tuple, p: float = 1) -> 
         model: a network built from Linear/Conv layers, BatchNorm, ReLU/LeakyReLU, Dropout, pooling, additions,
             concatenation and reshaping. Any other op on activations raises ``NotImplementedError`` naming the op
             and the module it ran in.
-        example_input: an input batch (or tuple of positional inputs) of the model; only the shapes of its
-            floating-point tensors after the batch dimension are used.
+        example_input: an input batch, a tuple of positional inputs or a dict of keyword inputs (``model(**d)``) of
+            the model; only the shapes of its floating-point tensors after the batch dimension are used. Integer
+            tensors are token ids: the embedding that reads them is a Linear on the one-hot token, so every token of
+            the vocabulary starts paths (the model's own ids only give the sequence length).
         p: the exponent, a finite number ``>= 1``.
 
     Returns:
@@ -338,16 +377,25 @@ def path_norm(model: nn.Module, example_input: Tensor | tuple, p: float = 1) -> 
         raise TypeError(f"`model` must be an nn.Module, got {type(model).__name__}")
     if isinstance(p, bool) or not isinstance(p, (int, float)) or not math.isfinite(p) or p < 1:
         raise ValueError(f"`p` must be a finite number >= 1, got {p!r}")
-    inputs = example_input if isinstance(example_input, tuple) else (example_input,)
-    ones = tuple(
-        torch.ones((1, *t.shape[1:]), dtype=torch.float64, device=t.device)
-        if isinstance(t, Tensor) and t.is_floating_point()
-        else t
-        for t in inputs
-    )
-    starts = [t for t, x in zip(ones, inputs, strict=True) if t is not x]  # the all-ones inputs
-    if not starts:
-        raise ValueError("`example_input` must be a floating-point tensor or a tuple holding at least one")
+    if isinstance(example_input, Mapping):
+        keys, inputs = list(example_input), tuple(example_input.values())
+    else:
+        keys, inputs = None, example_input if isinstance(example_input, tuple) else (example_input,)
+
+    def start(t: Any) -> Any:
+        if not isinstance(t, Tensor):
+            return t
+        if t.is_floating_point():
+            return torch.ones((1, *t.shape[1:]), dtype=torch.float64, device=t.device)
+        return t[:1].clone() if t.dim() > 0 and not t.dtype.is_complex and t.dtype != torch.bool else t
+
+    ones = tuple(start(t) for t in inputs)
+    starts = [t for t, x in zip(ones, inputs, strict=True) if t is not x and t.is_floating_point()]  # all-ones
+    tokens = [t for t, x in zip(ones, inputs, strict=True) if t is not x and not t.is_floating_point()]
+    if not starts and not tokens:
+        raise ValueError(
+            "`example_input` must be a floating-point tensor, or integer token ids, or a tuple or dict holding one"
+        )
     state = {k: v.to(torch.float64) if v.is_floating_point() else v for k, v in model.named_parameters()}
     for k, v in model.named_buffers():  # copies: a forward in training mode may update buffers in place
         state[k] = v.detach().to(torch.float64 if v.is_floating_point() else v.dtype, copy=True)
@@ -357,12 +405,14 @@ def path_norm(model: nn.Module, example_input: Tensor | tuple, p: float = 1) -> 
     for name, module in model.named_modules():
         handles.append(module.register_forward_pre_hook(mode.enter_hook(name)))
         handles.append(module.register_forward_hook(mode.exit_hook, always_call=True))
-    device = starts[0].device.type  # mixed precision would round the float64 computation
+    device = (starts + tokens)[0].device.type  # mixed precision would round the float64 computation
     no_autocast = torch.autocast(device, enabled=False) if device in ("cpu", "cuda") else contextlib.nullcontext()
     mode.mark(starts)
+    mode.mark_tokens(tokens)
+    args, kwargs = (ones, {}) if keys is None else ((), dict(zip(keys, ones)))
     try:
         with mode, no_autocast, force_eager():  # compiled code would trace the mode (slow; see _trace.force_eager)
-            out = torch.func.functional_call(model, state, ones)
+            out = torch.func.functional_call(model, state, args, kwargs)
     finally:
         for handle in handles:
             handle.remove()

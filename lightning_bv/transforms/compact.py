@@ -2,9 +2,10 @@
 
 A neuron whose score ``||v_k||_2 ||w_k||_2`` is 0 contributes nothing through its regularized weights (docs/theory.md
 section 4: the proximal step makes such neurons). :func:`compact` removes every neuron with score ``<= tol``: the rows
-of its producer (Linear ``out_features`` / Conv ``out_channels``, the bias, the BatchNorm's ``weight``, ``bias``,
-``running_mean`` and ``running_var``), the columns of every consumer (the block of columns a channel owns after a
-flatten, its positions in a concat), and, for a low-rank layer (:func:`~lightning_bv.apply_low_rank`), the rank-1
+of its producer (Linear ``out_features`` / Conv ``out_channels`` / Hugging Face ``Conv1D`` ``nf``, the bias, the
+BatchNorm's ``weight``, ``bias``, ``running_mean`` and ``running_var``), the columns of every consumer (the block of
+columns a channel owns after a flatten, its positions in a concat, its slice of a grouped conv), and, for a low-rank
+layer (:func:`~lightning_bv.apply_low_rank`), the rank-1
 components (columns of ``U``, rows of ``V``). Parameters are replaced by new, smaller ``nn.Parameter`` objects (dtype,
 device and ``requires_grad`` kept); :attr:`CompactionReport.param_map` says which old Parameter became which new one
 and which entries it kept, and :func:`~lightning_bv.transforms.resize.slice_optimizer_state_` carries an optimizer
@@ -40,7 +41,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -50,7 +51,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.nn.utils import parametrize
 
 from lightning_bv.functional.rbv import group_norms
-from lightning_bv.neurons import NeuronGroup, NeuronGroups, find_neurons, low_rank_factors
+from lightning_bv.neurons import GroupedSlot, NeuronGroup, NeuronGroups, Slot, find_neurons, is_conv1d, low_rank_factors
 from lightning_bv.transforms.lift import is_lifted
 from lightning_bv.transforms.low_rank import remove_low_rank
 from lightning_bv.transforms.resize import _take
@@ -62,6 +63,26 @@ _BN = nn.modules.batchnorm._BatchNorm
 _U, _V = "parametrizations.weight.original0", "parametrizations.weight.original1"
 # (slot param, slot dim) -> the module axis that holds the neurons
 _AXIS = {("weight", 0): "out", ("bias", 0): "out", ("weight", 1): "in", (_V, 0): "rank", (_U, 1): "rank"}
+_AXIS_CONV1D = {("weight", 1): "out", ("bias", 0): "out", ("weight", 0): "in"}  # HF Conv1D: weight [in, out]
+
+
+def _axis(s: Slot) -> str | None:
+    """The module axis that holds the neurons of slot ``s``."""
+    if is_conv1d(s.module):
+        return _AXIS_CONV1D.get((s.param, s.dim))
+    return _AXIS.get((s.param, s.dim))
+
+
+def _in_width(m: Any) -> int:
+    """Input features / channels of a Linear, Conv (all groups) or HF Conv1D."""
+    if is_conv1d(m):
+        return int(m.weight.shape[0])
+    return int(m.weight.shape[1]) * int(getattr(m, "groups", 1))
+
+
+def _out_width(m: Any) -> int:
+    return int(m.weight.shape[1] if is_conv1d(m) else m.weight.shape[0])
+
 
 ParamMap = dict[Tensor, tuple[nn.Parameter, tuple[Tensor | None, ...]]]
 
@@ -188,14 +209,17 @@ def compact(
     model: nn.Module,
     groups: NeuronGroup | Iterable[NeuronGroup] | None = None,
     tol: float = 0.0,
-    example_input: Tensor | tuple[Any, ...] | None = None,
+    example_input: Tensor | tuple[Any, ...] | Mapping[str, Any] | None = None,
     merge_lifted: bool = True,
 ) -> CompactionReport:
     """Remove every neuron whose score ``||v_k||_2 ||w_k||_2`` is ``<= tol``, in place.
 
-    Everything is checked before anything changes. A group whose producer or consumer cannot be shrunk (a grouped
-    convolution, a layer of unknown type or with extra parameters, a weight tied to another module, a module
-    registered under several names) is left whole and reported with the reason; the others are shrunk. Several
+    Everything is checked before anything changes. A group whose producer or consumer cannot be shrunk (a layer of
+    unknown type or with extra parameters, a weight tied to another module, a module registered under several names,
+    a BatchNorm over a concatenation) is left whole and reported with the reason; the others are shrunk. Grouped
+    convolutions keep as many channels in every group; a depthwise conv's channel goes with the neuron of its input
+    group and those of its output group together (its ``groups`` shrink), only when removing it keeps the function;
+    neurons kept for that are counted in the report. Several
     groups touching one module (a Linear that consumes one group and produces the next, a concat read by one head,
     a low-rank layer) are shrunk consistently. A group keeps at least one neuron so that no layer has width 0.
 
@@ -208,7 +232,8 @@ def compact(
         groups: its neuron groups (:func:`~lightning_bv.find_neurons`), or some of them; found with
             ``example_input`` when None.
         tol: remove neurons with score ``<= tol`` (>= 0). ``tol=0`` keeps the function exactly.
-        example_input: an input for :func:`~lightning_bv.find_neurons`, when ``groups`` is not given.
+        example_input: an input for :func:`~lightning_bv.find_neurons` (a tensor, a tuple of positional arguments or
+            a dict of keyword arguments), when ``groups`` is not given.
         merge_lifted: afterwards, merge each product ``A B`` made by :func:`~lightning_bv.lift_shared_weights` back
             into one dense weight when that has fewer parameters (listed in ``report.merged``). The merged weight is
             a new Parameter that ``report.param_map`` does not map: pass False to keep training with a carried-over
@@ -240,18 +265,22 @@ def compact(
         index.check_group(g)
     params_before = _count(model)
 
-    rows: list[GroupCompaction] = []
+    decided = [_decide(g, tol) for g in glist]
+    removes = [d[0] for d in decided]
+    rows = [d[1] for d in decided]
+    units = _couple(index, glist, removes, [d[2] for d in decided], rows)
     changes: dict[int, _Change] = {}
-    for g in glist:
-        remove, row = _decide(g, tol)
-        if bool(remove.any()):
-            try:
-                edits = _plan_group(index, g, remove)
-                _merge(changes, edits)
-            except _CannotShrink as why:
-                row = GroupCompaction(g.name, g.num_neurons, g.num_neurons, kept=row.kept + int(remove.sum()))
-                row.note, row.shrunk = f"left whole: {why}", False
-        rows.append(row)
+    for unit in units:
+        if not any(bool(removes[i].any()) for i in unit):
+            continue
+        try:
+            edits = [e for i in unit if bool(removes[i].any()) for e in _plan_group(index, glist[i], removes[i])]
+            _merge(changes, edits)
+        except _CannotShrink as why:
+            for i in unit:
+                g, row = glist[i], rows[i]
+                rows[i] = GroupCompaction(g.name, g.num_neurons, g.num_neurons, kept=row.kept + int(removes[i].sum()))
+                rows[i].note, rows[i].shrunk = f"left whole: {why}", False
 
     param_map = _apply(changes)
     report = CompactionReport(tol, rows, params_before, _count(model), param_map, None, _changes=changes)
@@ -356,12 +385,13 @@ class _ModelIndex:
                     "groups found on this model (find_neurons(model, x))"
                 )
             shape = s.tensor().shape
+            width = shape[1] * s.groups if isinstance(s, GroupedSlot) else shape[1] if s.dim == 1 else 0
             if s.dim == 0:
                 ok = shape[0] == k
             elif s.index is None:
-                ok = shape[1] == k
+                ok = width == k
             else:
-                ok = s.index.shape[0] == k and int(s.index.max()) < shape[1]
+                ok = s.index.shape[0] == k and int(s.index.max()) < width
             if not ok:
                 raise ValueError(
                     f"Group '{g.name}' has {k} neurons, which does not match {s!r} of shape {tuple(shape)}: the "
@@ -375,10 +405,8 @@ class _ModelIndex:
             raise _CannotShrink(f"'{name}' is a {type(m).__name__}, not a BatchNorm")
         if kind == "prelu" and not isinstance(m, nn.PReLU):
             raise _CannotShrink(f"its per-neuron activation slopes are in '{name}' ({type(m).__name__}), not a PReLU")
-        if kind == "layer" and not isinstance(m, (nn.Linear, *_CONVS)):
+        if kind == "layer" and not (isinstance(m, (nn.Linear, *_CONVS)) or is_conv1d(m)):
             raise _CannotShrink(f"'{name}' is a {type(m).__name__}, which compact cannot shrink (Linear/Conv only)")
-        if isinstance(m, _CONVS) and m.groups != 1:
-            raise _CannotShrink(f"'{name}' is a grouped convolution (groups={m.groups})")
         low_rank = _check_parametrizations(name, m)
         allowed = {"bias"} if low_rank else {"weight"} if kind == "prelu" else {"weight", "bias"}
         extra = sorted(set(m._parameters) - allowed)
@@ -420,13 +448,14 @@ def _check_parametrizations(name: str, m: nn.Module) -> bool:
 # ------------------------------------------------------------------------------------------------------------
 # planning
 # ------------------------------------------------------------------------------------------------------------
-def _decide(g: NeuronGroup, tol: float) -> tuple[Tensor, GroupCompaction]:
-    """Which neurons of ``g`` to remove, and the report row if all goes well."""
+def _decide(g: NeuronGroup, tol: float) -> tuple[Tensor, GroupCompaction, Tensor]:
+    """Which neurons of ``g`` to remove, the report row if all goes well, and the neurons' scores."""
     k = g.num_neurons
     try:
         w, v = group_norms(g, 2)
     except ValueError as why:
-        return torch.zeros(k, dtype=torch.bool), GroupCompaction(g.name, k, k, note=f"left whole: {why}", shrunk=False)
+        row = GroupCompaction(g.name, k, k, note=f"left whole: {why}", shrunk=False)
+        return torch.zeros(k, dtype=torch.bool), row, torch.zeros(k, dtype=torch.float64)
     w, v = w.detach().double().cpu(), v.detach().double().cpu()
     score = w * v
     cand = score <= tol
@@ -455,7 +484,7 @@ def _decide(g: NeuronGroup, tol: float) -> tuple[Tensor, GroupCompaction]:
     row.kept = int((cand & ~remove).sum())
     if reasons:
         row.note = "kept " + ", ".join(reasons)
-    return remove, row
+    return remove, row, score
 
 
 def _plan_group(index: _ModelIndex, g: NeuronGroup, remove: Tensor) -> list[tuple[_Change, str, Tensor]]:
@@ -479,9 +508,15 @@ def _plan_group(index: _ModelIndex, g: NeuronGroup, remove: Tensor) -> list[tupl
         return edits
 
     for prod, norm in zip(g.producers, g.norms):
+        if prod == norm:
+            raise _CannotShrink(
+                f"its neurons are the channels of BatchNorm '{norm}', whose input is not the output of one Linear/Conv "
+                "that only it reads (a concatenation, an input, a tensor other layers read too): a channel cannot be "
+                "cut out of that input for this BatchNorm alone"
+            )
         m = index.get(prod)
         index.check_layout(prod, m, "layer")
-        _check_size(g, prod, int(cast(Tensor, m.weight).shape[0]), "output features")
+        _check_size(g, prod, _out_width(m), "output features")
         add(prod, m, "out", remove)
         if norm is not None:
             bn = index.get(norm)
@@ -494,11 +529,12 @@ def _plan_group(index: _ModelIndex, g: NeuronGroup, remove: Tensor) -> list[tupl
         _check_size(g, g.activation_module, int(cast(Any, act).num_parameters), "slopes")
         add(g.activation_module, act, "out", remove)
     for s in g.slots():
-        if _AXIS.get((s.param, s.dim)) is None or (s.dim == 0 and s.module_name not in g.producers + g.norms):
+        axis = _axis(s)
+        if axis is None or (axis == "out" and s.module_name not in g.producers + g.norms):
             raise _CannotShrink(f"its slot {s!r} is not a producer row or a consumer column compact knows")
     for s in g.v_slots:
         index.check_layout(s.module_name, s.module, "layer")
-        n_in = int(s.tensor().shape[1])
+        n_in = _in_width(s.module)
         mask = torch.zeros(n_in, dtype=torch.bool)
         if s.index is None:
             _check_size(g, s.module_name, n_in, "input features")
@@ -511,6 +547,203 @@ def _plan_group(index: _ModelIndex, g: NeuronGroup, remove: Tensor) -> list[tupl
     return edits
 
 
+def _conv_groups(m: Any) -> int:
+    return int(m.groups) if isinstance(m, _CONVS) else 1
+
+
+def _check_grouped(name: str, m: Any, removed: dict[str, Tensor]) -> None:
+    """Raise _CannotShrink unless removing these channels leaves a valid grouped convolution.
+
+    Every group must keep the same number of input and of output channels. A depthwise-like conv (one input
+    channel per group) can only lose whole groups: an input channel together with all the outputs that read it.
+    """
+    groups = _conv_groups(m)
+    if groups == 1:
+        return
+    n_in, n_out = int(m.in_channels), int(m.out_channels)
+    ipg, opg = n_in // groups, n_out // groups
+    r_in = removed.get("in", torch.zeros(n_in, dtype=torch.bool)).reshape(groups, ipg).sum(1)
+    r_out = removed.get("out", torch.zeros(n_out, dtype=torch.bool)).reshape(groups, opg).sum(1)
+    whole = (r_in == ipg) & (r_out == opg)
+    if ipg == 1:
+        if bool((~whole & ((r_in > 0) | (r_out > 0))).any()):
+            raise _CannotShrink(
+                f"'{name}' is a depthwise convolution (groups={groups}): an input channel can only be removed together "
+                f"with the {opg} output channel(s) that read it, and those only with it"
+            )
+        if bool(whole.all()):
+            raise _CannotShrink(f"removing every channel of the depthwise convolution '{name}'")
+        return
+    if bool((r_in == ipg).any() | (r_out == opg).any()) or len(set(r_in.tolist())) > 1 or len(set(r_out.tolist())) > 1:
+        raise _CannotShrink(
+            f"'{name}' is a grouped convolution (groups={groups}): every group must keep the same number of input "
+            "and of output channels, at least one each"
+        )
+
+
+def _grouped_links(glist: list[NeuronGroup]) -> list[tuple[int, GroupedSlot, int | None, Tensor]]:
+    """``(A, slot, B, channel)`` for each depthwise-like consumer of group A.
+
+    ``slot`` reads A (neuron k is its input channel ``channel[k]``), and group B (an index into ``glist``, or None)
+    has that conv as its only producer.
+    """
+    by_producer = {g.producers: i for i, g in enumerate(glist)}
+    links = []
+    for a, g in enumerate(glist):
+        for s in g.v_slots:
+            m: Any = s.module
+            if not isinstance(s, GroupedSlot) or int(m.weight.shape[1]) != 1:
+                continue
+            if s.index is not None and s.index.shape[1] != 1:
+                continue
+            channel = torch.arange(g.num_neurons) if s.index is None else s.index[:, 0].cpu()
+            b = by_producer.get((s.module_name,))
+            if b is not None and glist[b].num_neurons != int(m.out_channels):
+                b = None
+            links.append((a, s, b, channel))
+    return links
+
+
+def _couple(
+    index: _ModelIndex,
+    glist: list[NeuronGroup],
+    removes: list[Tensor],
+    scores: list[Tensor],
+    rows: list[GroupCompaction],
+) -> list[list[int]]:
+    """Make the removals agree across grouped convolutions, in place; the units of groups to shrink together.
+
+    A depthwise conv couples channel k of its input group A to its output channels ``k*m..(k+1)*m`` (group B, which
+    it produces): channel k is removed from A, the conv and B together, only when B removes the whole block and A's
+    neuron k reaches nothing else (its other output weights are 0, or its output is 0). A grouped conv (several input
+    channels per group) keeps the same number of channels in each group: extra dead ones are kept.
+    """
+    before = [r.clone() for r in removes]
+    links = _grouped_links(glist)
+    linked_b = {b for _, _, b, _ in links if b is not None}
+    parent = list(range(len(glist)))
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            i = parent[i]
+        return i
+
+    def per_neuron(g: NeuronGroup, slots: Iterable[Slot]) -> Tensor:
+        total = torch.zeros(g.num_neurons, dtype=torch.float64)
+        for s in slots:
+            total += s.reduce(s.tensor().detach(), "sq").double().cpu()
+        return total
+
+    reason: dict[int, str] = {}
+    ok: dict[int, Tensor] = {}
+    for a, s, b, _ in links:
+        g = glist[a]
+        w_any = per_neuron(g, g.w_slots) > 0
+        others = per_neuron(g, (o for o in g.v_slots if o is not s)) > 0
+        ok[id(s)] = removes[a] | ~others | (~w_any & g.silent_without_input())
+        if b is not None:
+            parent[root(b)] = root(a)
+    for i, g in enumerate(glist):  # depthwise producers with no input group: their rows cannot go alone
+        for prod in g.producers:
+            m: Any = index.get(prod)
+            if _conv_groups(m) > 1 and int(m.weight.shape[1]) == 1 and i not in linked_b:
+                removes[i] &= False
+                reason[i] = f"its producer '{prod}' is a depthwise convolution whose input is not a neuron group"
+    for _ in range(4):
+        snapshot = [r.clone() for r in removes]
+        fresh: dict[int, Tensor] = {}
+        for a, s, b, channel in reversed(links):  # discovery order is topological: downstream blocks first
+            m = s.module
+            if b is None:
+                fresh[a] = torch.zeros_like(removes[a])
+                reason[a] = (
+                    f"their channels go on through the depthwise convolution '{s.module_name}', whose output is not "
+                    "a neuron group"
+                )
+                continue
+            mult = int(m.out_channels) // int(m.groups)
+            dead = removes[b].reshape(-1, mult).all(1)
+            new = fresh.get(a, ok[id(s)]) & ok[id(s)] & dead[channel]
+            if bool((removes[a] & ~new).any()):
+                reason[a] = (
+                    f"their channels go on through the depthwise convolution '{s.module_name}' to neurons of "
+                    f"'{glist[b].name}' that are still used"
+                )
+            fresh[a] = new
+        for a, new in fresh.items():
+            removes[a].copy_(new)
+        for a, s, _, _ in links:
+            ok[id(s)] = ok[id(s)] & removes[a]  # only fewer from now on
+        for i, g in enumerate(glist):
+            conv = _even_out(index, g, removes[i], scores[i])
+            if conv is not None:
+                reason[i] = f"so that every group of the grouped convolution '{conv}' keeps as many channels"
+            if bool(removes[i].all()) and g.num_neurons > 0:
+                removes[i][int(torch.argmax(scores[i].nan_to_num(-1.0)))] = False
+        for a, s, b, channel in links:  # a block goes only with its input channel
+            if b is None:
+                continue
+            dw: Any = s.module
+            mult = int(dw.out_channels) // int(dw.groups)
+            allowed = torch.zeros(int(dw.in_channels), dtype=torch.bool)
+            allowed[channel[removes[a]]] = True
+            removes[b] &= allowed.repeat_interleave(mult)
+        if all(torch.equal(x, y) for x, y in zip(snapshot, removes)):
+            break
+    for i, g in enumerate(glist):
+        if torch.equal(before[i], removes[i]) or not rows[i].shrunk:
+            continue
+        row, k = rows[i], g.num_neurons
+        extra = int((before[i] & ~removes[i]).sum())
+        row.after = k - int(removes[i].sum())
+        row.removed_score = float(scores[i][removes[i]].sum())
+        row.kept += extra
+        why = reason.get(i, "their channel through a depthwise convolution is still used")
+        if extra:
+            row.note = (row.note + "; " if row.note else "") + f"kept {extra}: {why}"
+    units: dict[int, list[int]] = {}
+    for i in range(len(glist)):
+        units.setdefault(root(i), []).append(i)
+    return list(units.values())
+
+
+def _even_out(index: _ModelIndex, g: NeuronGroup, remove: Tensor, score: Tensor) -> str | None:
+    """Keep extra neurons of ``g`` (in place) until every group of each grouped conv it touches loses as many.
+
+    Returns the name of a grouped conv that made it keep some, or None.
+    """
+    forced = None
+    for _ in range(8):
+        changed = False
+        views: list[tuple[str, int, int, Tensor]] = []  # (conv, groups, channels per group, neuron of each channel)
+        for s in g.v_slots:
+            m: Any = s.module
+            if isinstance(s, GroupedSlot) and int(m.weight.shape[1]) > 1:
+                owner = torch.full((_in_width(m),), -1, dtype=torch.long)
+                idx = torch.arange(g.num_neurons).unsqueeze(1) if s.index is None else s.index.cpu()
+                owner[idx] = torch.arange(g.num_neurons).unsqueeze(1).expand_as(idx)
+                views.append((s.module_name, int(m.groups), int(m.weight.shape[1]), owner))
+        for prod in g.producers:
+            m = index.get(prod)
+            if _conv_groups(m) > 1 and int(m.weight.shape[1]) > 1:
+                views.append((prod, int(m.groups), int(m.out_channels) // int(m.groups), torch.arange(g.num_neurons)))
+        for conv, groups, per, owner in views:
+            gone = torch.zeros(owner.shape[0], dtype=torch.bool)
+            mine = owner >= 0
+            gone[mine] = remove[owner[mine]]
+            counts = gone.reshape(groups, per).sum(1)
+            target = min(int(counts.min()), per - 1)
+            for grp in torch.nonzero(counts > target).flatten().tolist():
+                chans = torch.nonzero(gone.reshape(groups, per)[grp]).flatten() + grp * per
+                neurons = owner[chans]
+                order = torch.argsort(score[neurons], descending=True)  # keep the strongest of the dead
+                remove[neurons[order[: int(counts[grp]) - target]]] = False
+                changed, forced = True, conv
+        if not changed:
+            break
+    return forced
+
+
 def _check_size(g: NeuronGroup, name: str, size: int, what: str) -> None:
     if size != g.num_neurons:
         raise ValueError(
@@ -521,11 +754,16 @@ def _check_size(g: NeuronGroup, name: str, size: int, what: str) -> None:
 
 def _merge(changes: dict[int, _Change], edits: list[tuple[_Change, str, Tensor]]) -> None:
     """Add one group's removals to ``changes``, unless they collide with another group's (then add nothing)."""
+    merged: dict[int, tuple[_Change, dict[str, Tensor]]] = {}
     for c, axis, mask in edits:
         old = changes.get(id(c.module))
         prev = None if old is None else old.removed.get(axis)
         if prev is not None and (axis != "in" or prev.shape != mask.shape or bool((prev & mask).any())):
             raise _CannotShrink(f"another group already removes entries of '{c.name}' ({axis} axis)")
+        entry = merged.setdefault(id(c.module), (c, dict(old.removed) if old is not None else {}))
+        entry[1][axis] = mask if axis not in entry[1] else entry[1][axis] | mask
+    for c, removed in merged.values():
+        _check_grouped(c.name, c.module, removed)
     for c, axis, mask in edits:
         old = changes.setdefault(id(c.module), c)
         prev = old.removed.get(axis)
@@ -565,9 +803,18 @@ def _module_plan(c: _Change, param_map: ParamMap) -> list[tuple[nn.Module, str, 
         old = getattr(owner, attr)
         if old is None or all(i is None for i in keep):
             return
-        new = nn.Parameter(_take(old.detach(), keep), requires_grad=old.requires_grad)
+        new = nn.Parameter(_same_format(_take(old.detach(), keep), old), requires_grad=old.requires_grad)
         param_map[old] = (new, keep)
         plan.append((owner, attr, new))
+
+    if is_conv1d(m):  # weight [in, out]
+        param(m, "weight", (inp, out))
+        param(m, "bias", (out,))
+        if out is not None:
+            plan.append((m, "nf", int(out.numel())))
+        if inp is not None and hasattr(m, "nx"):
+            plan.append((m, "nx", int(inp.numel())))
+        return plan
 
     if isinstance(m, nn.PReLU):
         param(m, "weight", (out,))
@@ -583,7 +830,14 @@ def _module_plan(c: _Change, param_map: ParamMap) -> list[tuple[nn.Module, str, 
             plan.append((m, "num_features", int(out.numel())))
         return plan
     factors = low_rank_factors(m)
-    if factors is None:
+    groups = _conv_groups(m)
+    if factors is None and groups > 1:
+        param(m, "weight", _grouped_keep(m, c))
+        shape = None
+        new_groups = groups - int(_whole_groups(m, c).sum())
+        if new_groups != groups:
+            plan.append((m, "groups", new_groups))
+    elif factors is None:
         param(m, "weight", (out, inp))
         shape = None
     else:
@@ -610,13 +864,47 @@ def _module_plan(c: _Change, param_map: ParamMap) -> list[tuple[nn.Module, str, 
     return plan
 
 
+def _whole_groups(m: Any, c: _Change) -> Tensor:
+    """Which groups of grouped conv ``m`` lose all their input and output channels."""
+    groups, n_in, n_out = int(m.groups), int(m.in_channels), int(m.out_channels)
+    r_in = c.removed.get("in", torch.zeros(n_in, dtype=torch.bool)).reshape(groups, -1).all(1)
+    r_out = c.removed.get("out", torch.zeros(n_out, dtype=torch.bool)).reshape(groups, -1).all(1)
+    return r_in & r_out
+
+
+def _grouped_keep(m: Any, c: _Change) -> tuple[Tensor | None, ...]:
+    """Kept entries of a grouped conv weight ``[out, in/groups, *kernel]``: rows, then per kept row its columns.
+
+    Each group may keep different input channels (as many in each): the columns are a 2-D index, one row per kept
+    output channel.
+    """
+    groups, n_in, n_out = int(m.groups), int(m.in_channels), int(m.out_channels)
+    ipg, opg = n_in // groups, n_out // groups
+    out = c.keep.get("out")
+    rows = torch.arange(n_out) if out is None else out
+    removed_in = c.removed.get("in")
+    if removed_in is None or ipg == 1:  # depthwise: whole groups go, the one column stays
+        return (out, None)
+    kept = ~removed_in.reshape(groups, ipg)
+    cols = torch.stack([torch.nonzero(kept[g]).flatten() for g in range(groups)])  # same count in every group
+    return (out, cols[rows // opg])
+
+
+def _same_format(new: Tensor, old: Tensor) -> Tensor:
+    """``new`` in the memory format of ``old`` (a channels_last model stays channels_last)."""
+    for fmt, dims in ((torch.channels_last, 4), (torch.channels_last_3d, 5)):
+        if old.dim() == dims and not old.is_contiguous() and old.is_contiguous(memory_format=fmt):
+            return new.contiguous(memory_format=fmt)
+    return new
+
+
 # ------------------------------------------------------------------------------------------------------------
 # updating neuron groups
 # ------------------------------------------------------------------------------------------------------------
 def _remap_group(g: NeuronGroup, changes: dict[int, _Change]) -> None:
     first = g.w_slots[0] if g.w_slots else None
     c = changes.get(id(first.module)) if first is not None else None
-    axis = _AXIS.get((first.param, first.dim)) if first is not None else None
+    axis = _axis(first) if first is not None else None
     kept = c.keep.get(axis) if c is not None and axis is not None else None
     if kept is None:  # this group's neurons are unchanged; its consumers' columns may have moved
         kept = torch.arange(g.num_neurons)
@@ -625,7 +913,7 @@ def _remap_group(g: NeuronGroup, changes: dict[int, _Change]) -> None:
     new_index: list[Tensor | None] = []
     for s in g.v_slots:
         sc = changes.get(id(s.module))
-        s_axis = _AXIS.get((s.param, s.dim))
+        s_axis = _axis(s)
         s_kept = sc.keep.get(s_axis) if sc is not None and s_axis is not None else None
         old = s.index if s.index is not None else torch.arange(g.num_neurons).unsqueeze(1)
         if s_kept is None:
@@ -640,9 +928,13 @@ def _remap_group(g: NeuronGroup, changes: dict[int, _Change]) -> None:
             cols = colmap[old[kept]]
             if bool((cols < 0).any()):
                 raise ValueError(f"Group '{g.name}' keeps a neuron whose columns of '{s.module_name}' were removed")
-        width = int(s.tensor().shape[1])
+        width = _in_width(s.module) if s.param == "weight" else int(s.tensor().shape[1])
         trivial = cols.shape[1] == 1 and cols.shape[0] == width and bool((cols.flatten() == torch.arange(width)).all())
         new_index.append(None if trivial else cols)
     for s, idx in zip(g.v_slots, new_index):
+        if isinstance(s, GroupedSlot):
+            s.groups = int(cast(Any, s.module).groups)
+        elif idx is not None and s.dim == 0:
+            raise ValueError(f"Group '{g.name}' reads rows of '{s.module_name}' out of order after compaction")
         s.index = idx
     g.num_neurons = int(kept.numel())

@@ -16,7 +16,7 @@ from typing import Any, cast
 import torch
 from torch import Tensor, nn
 
-from lightning_bv.neurons import low_rank_factors
+from lightning_bv.neurons import is_conv1d, low_rank_factors
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _BN = nn.modules.batchnorm._BatchNorm
@@ -73,7 +73,8 @@ def resize_to_state_dict_(model: nn.Module, state_dict: Mapping[str, Any], prefi
     """Give the layers of ``model`` the sizes their entries have in ``state_dict`` (a compacted model's), in place.
 
     So that the ``state_dict`` of a compacted model loads into a freshly built model of the original sizes: every
-    Linear, Conv, BatchNorm, PReLU and low-rank layer whose saved tensors are smaller gets new, uninitialized
+    Linear, Conv (grouped and depthwise too), Hugging Face Conv1D, BatchNorm, PReLU and low-rank layer whose saved
+    tensors are smaller gets new, uninitialized
     Parameters and buffers of the saved sizes and updated size attributes; ``model.load_state_dict(state_dict)`` then
     fills them. Layers whose entries are missing or already match are left alone, and so are layers whose saved
     features or channels are *larger* (compaction only shrinks; the saved rank of a low-rank layer may be either):
@@ -128,8 +129,17 @@ def _resize_module(m: Any, saved: dict[str, Tensor]) -> bool:
                 setattr(m, attr, fresh(getattr(m, attr), (int(w.shape[0]),)))
         m.num_features = int(w.shape[0])
         return True
-    if not isinstance(m, (nn.Linear, *_CONVS)) or getattr(m, "groups", 1) != 1:
+    if is_conv1d(m):  # Hugging Face Conv1D: weight [in, out]
+        w = saved.get("weight")
+        if w is None or w.shape == m.weight.shape or w.dim() != 2 or w.shape[0] > m.nx or w.shape[1] > m.nf:
+            return False
+        m.weight, m.bias = fresh(m.weight, tuple(w.shape)), fresh(m.bias, (int(w.shape[1]),))
+        m.nx, m.nf = int(w.shape[0]), int(w.shape[1])
+        return True
+    if not isinstance(m, (nn.Linear, *_CONVS)):
         return False
+    if getattr(m, "groups", 1) != 1:
+        return _resize_grouped(m, saved, fresh)
     kernel = tuple(m.weight.shape[2:])
     old_out, old_in = int(m.weight.shape[0]), int(m.weight.shape[1])
     factors = low_rank_factors(m)
@@ -162,12 +172,39 @@ def _resize_module(m: Any, saved: dict[str, Tensor]) -> bool:
     return True
 
 
+def _resize_grouped(m: Any, saved: dict[str, Tensor], fresh: Any) -> bool:
+    """Resize a grouped conv the way compaction shrinks one.
+
+    A depthwise-like conv (one input channel per group) loses whole groups and keeps its outputs per group; any other
+    keeps its groups, with fewer channels in each.
+    """
+    w = saved.get("weight")
+    if w is None or w.shape == m.weight.shape or w.dim() != m.weight.dim() or w.shape[2:] != m.weight.shape[2:]:
+        return False
+    groups, ipg, opg = int(m.groups), int(m.weight.shape[1]), int(m.out_channels) // int(m.groups)
+    out, ipg_new = int(w.shape[0]), int(w.shape[1])
+    new_groups = out // opg if ipg == 1 else groups
+    if out > m.out_channels or ipg_new > ipg or out % new_groups or (ipg == 1 and (ipg_new != 1 or out % opg)):
+        return False
+    m.weight = fresh(m.weight, tuple(w.shape))
+    if m.bias is not None:
+        m.bias = fresh(m.bias, (out,))
+    m.groups, m.out_channels, m.in_channels = new_groups, out, new_groups * ipg_new
+    return True
+
+
 # ------------------------------------------------------------------------------------------------------------
 # slicing
 # ------------------------------------------------------------------------------------------------------------
 def _take(t: Tensor, keep: tuple[Tensor | None, ...]) -> Tensor:
     for dim, idx in enumerate(keep):
-        if idx is not None:
+        if idx is None:
+            continue
+        if idx.dim() == 2:  # per-row columns (each group of a grouped conv keeps its own input channels)
+            t = t.gather(
+                dim, idx.to(t.device).reshape(*idx.shape, *([1] * (t.dim() - 2))).expand(*idx.shape, *t.shape[2:])
+            )
+        else:
             t = t.index_select(dim, idx.to(t.device))
     return t.contiguous()
 

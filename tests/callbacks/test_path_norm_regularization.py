@@ -455,3 +455,17 @@ def test_low_rank_listed_after_the_regularizer_runs_first():
     assert low_rank.ranks == {"net.2": 3}  # not lifted to full rank first
     assert cb.lift_report.lifted == []
     assert [s.factor for s in cb.groups["net.0"].v_slots] == [True]  # the explicit low-rank layer is owned the same way
+
+
+class ReLU6Module(MLPModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(4, 8), nn.ReLU6(), nn.Linear(8, 1))
+
+
+def test_no_relu_warning_names_what_the_model_has_instead():
+    with pytest.warns(
+        UserWarning,
+        match=r"no neuron group to regularize.*It found 1 ReLU6 activation\(s\), which are not positively homogeneous",
+    ):
+        trainer(callbacks=[PathNormRegularization(lam=0.1)], max_steps=1).fit(ReLU6Module())

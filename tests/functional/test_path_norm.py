@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 from torch import nn
 from torch.nn.utils import parametrize
 
+from lightning_bv import find_neurons
 from lightning_bv.functional.path_norm import path_norm
 
 # ---------------------------------------------------------------- references
@@ -541,6 +542,38 @@ def test_bad_p_is_rejected(p):
         path_norm(nn.Linear(2, 1), torch.randn(1, 2), p=p)
 
 
-def test_non_float_input_is_rejected():
-    with pytest.raises(ValueError, match="floating-point"):
-        path_norm(nn.Embedding(3, 2), torch.tensor([[0, 1]]))
+def test_token_ids_start_paths_at_every_token_of_the_vocabulary():
+    # an embedding is a Linear on the one-hot token: each position's output reads every row of E
+    emb = nn.Embedding(5, 3)
+    ids = torch.tensor([[0, 1, 1, 4], [2, 2, 3, 0]])
+    assert torch.allclose(path_norm(emb, ids), 4 * emb.weight.detach().abs().sum().double())
+
+
+class TokenClassifier(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb = nn.Embedding(7, 4)
+        self.fc1, self.fc2 = nn.Linear(4, 6), nn.Linear(6, 2)
+
+    def forward(self, input_ids, scale=None):
+        h = self.emb(input_ids.view(input_ids.shape[0], -1)).mean(1)
+        return self.fc2(torch.relu(self.fc1(h)))
+
+
+def test_dict_input_with_token_ids_equals_the_one_hot_linear_model():
+    model = TokenClassifier()
+    ids = torch.randint(0, 7, (3, 5))
+    # the same network on one-hot tokens: mean over positions of E[token] = (one-hot @ E) / 5 summed over positions
+    onehot = nn.Sequential(nn.Linear(7 * 5, 4, bias=False), model.fc1, nn.ReLU(), model.fc2)
+    with torch.no_grad():
+        onehot[0].weight.copy_(model.emb.weight.T.repeat(1, 5) / 5)
+    expected = path_norm(onehot, torch.randn(1, 35), p=2)
+    assert torch.allclose(path_norm(model, {"input_ids": ids}, p=2), expected)
+    groups = find_neurons(model, {"input_ids": ids})
+    assert [g.name for g in groups] == ["fc1"]
+
+
+def test_integer_input_that_is_not_embedded_is_refused():
+    with pytest.raises(ValueError, match=r"integer token ids .* `linear` in module '<root>' reads the integer input"):
+        path_norm(nn.Linear(3, 2), torch.tensor([[0, 1, 2]]))
