@@ -2,12 +2,14 @@
 
 MLP 64 -> 4 x 1024 -> 10 on scikit-learn's bundled digits (8x8 images, 10 classes; nothing downloads), trained in a
 plain PyTorch loop with SGD and the proximal step of the path-norm after every step (what
-``PathNormRegularization(mode="prox", every_n_steps=1)`` does) until most neurons are dead. Then
-``lightning_bv.compact`` (tol=0: the same function) and forward passes of both models on one batch, in eval mode
-without grad: the two are interleaved (original, compacted, original, ...) so drift on a shared machine hits both
+``PathNormRegularization(mode="prox", every_n_steps=1)`` does: the chain's hidden matrices lifted to ``A B`` before
+the optimizer is built, the thresholds from the optimizer) until most neurons are dead. Then
+``lightning_bv.compact`` (tol=0: the same function; the products merged back into dense weights) and forward passes
+of both models on one batch, in eval mode without grad (the original as the dense MLP it started as, with the
+trained weights): the two are interleaved (original, compacted, original, ...) so drift on a shared machine hits both
 alike; the time is the median over repeats.
 
-    python -m benchmarks.compaction [--lam 0.3] [--steps 200] [--warmup 50] [--repeats 20] [--batch 256]
+    python -m benchmarks.compaction [--lam 0.03] [--steps 200] [--warmup 50] [--repeats 20] [--batch 256]
 """
 
 from __future__ import annotations
@@ -21,7 +23,8 @@ from sklearn.datasets import load_digits
 from torch import nn
 
 from benchmarks._common import markdown_table, median, save
-from lightning_bv.functional.rbv import neuron_scores, prox_
+from lightning_bv import lift_shared_weights, prox_thresholds, proximal_step_, remove_low_rank
+from lightning_bv.functional.rbv import neuron_scores
 from lightning_bv.neurons import find_neurons
 from lightning_bv.transforms.compact import compact
 
@@ -44,6 +47,7 @@ def train(
 ) -> None:
     """SGD with momentum; after ``warmup`` plain steps, the proximal step of ``lam * R`` after every step."""
     groups = find_neurons(model, x[:2])
+    lift_shared_weights(model, groups, normalize=True)
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
     g = torch.Generator().manual_seed(0)
     for step in range(steps):
@@ -52,7 +56,7 @@ def train(
         nn.functional.cross_entropy(model(x[idx]), y[idx]).backward()
         opt.step()
         if step >= warmup:  # from a random start the prox kills every neuron before the data can hold any
-            prox_(groups, lam * lr)
+            proximal_step_(groups, prox_thresholds(groups, opt, lam), first=step == warmup)
 
 
 @torch.no_grad()
@@ -78,7 +82,7 @@ def time_interleaved(models: list[nn.Module], x: torch.Tensor, repeats: int, cal
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--lam", type=float, default=0.3)
+    parser.add_argument("--lam", type=float, default=0.03)
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--warmup", type=int, default=50)
     parser.add_argument("--repeats", type=int, default=20)
@@ -93,7 +97,7 @@ def main() -> None:
     train(model, x, y, args.lam, args.steps, args.warmup)
     train_s = time.perf_counter() - t0
     model.eval()
-    original = copy.deepcopy(model)
+    original = remove_low_rank(copy.deepcopy(model))  # the trained function as the plain dense MLP it started as
     groups = find_neurons(model, x[:2])
     scores = neuron_scores(groups)
     live = sum(int((s > 0).sum()) for s in scores.values())
@@ -103,11 +107,12 @@ def main() -> None:
         diff = float((model(x) - original(x)).abs().max())
     batch = x[: args.batch]
     t_orig, t_comp = time_interleaved([original, model], batch, args.repeats, args.calls)
-    ratio = report.params_after / report.params_before
+    params_before = sum(p.numel() for p in original.parameters())
+    ratio = report.params_after / params_before
     acc_o, acc_c = accuracy(original, x, y), accuracy(model, x, y)
     header = ["model", "neurons", "parameters", "param ratio", f"forward ms (batch {len(batch)})", "time ratio", "acc"]
     rows = [
-        ["original", report.neurons_before, report.params_before, 1.0, t_orig, 1.0, acc_o],
+        ["original", report.neurons_before, params_before, 1.0, t_orig, 1.0, acc_o],
         ["compacted", report.neurons_after, report.params_after, ratio, t_comp, t_comp / t_orig, acc_c],
     ]
     table = markdown_table(header, rows)
@@ -126,7 +131,7 @@ def main() -> None:
             "lam": args.lam,
             "steps": args.steps,
             "warmup": args.warmup,
-            "params_before": report.params_before,
+            "params_before": params_before,
             "params_after": report.params_after,
             "neurons_before": report.neurons_before,
             "neurons_after": report.neurons_after,
