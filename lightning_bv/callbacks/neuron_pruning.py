@@ -119,11 +119,8 @@ class NeuronPruning(CallbackBase):
     # -- set-up and discovery --------------------------------------------------------------------------------
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        self.teardown(trainer, pl_module, stage)  # a second fit or a test after fit: one hook only
-        self._hook = pl_module.register_load_state_dict_pre_hook(
-            functools.partial(_resize_on_load, trainer, self._shrunk_id == id(pl_module))
-        )
         if stage != "fit":
+            self._hook_loading(trainer, pl_module)
             return
         who = type(self).__name__
         refuse_sharded(trainer, who, "cuts whole weight rows and columns, which are split across ranks there")
@@ -147,6 +144,14 @@ class NeuronPruning(CallbackBase):
             example = getattr(pl_module, "example_input_array", None)
         if self.groups is None and example is not None:
             self.groups = find_neurons(pl_module, example, targets=self.targets, exclude=self.exclude)
+        self._hook_loading(trainer, pl_module)
+
+    def _hook_loading(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Resize ``pl_module`` to the shapes of any checkpoint loaded into it (see the class docstring)."""
+        self.teardown(trainer, pl_module, "")  # a second fit, or a test after fit: one hook only
+        self._hook = pl_module.register_load_state_dict_pre_hook(
+            functools.partial(_resize_on_load, trainer, self._shrunk_id == id(pl_module))
+        )
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
