@@ -74,8 +74,10 @@ class PathNormRegularization(CallbackBase):
             (same test accuracy) and 16 neurons against 5 on a 5-neuron teacher (test MSE 2.0e-3 against 1.3e-4).
         example_input: discover the groups by running the module on this at ``setup`` instead of on the first
             training step.
-        log_every_n_steps: how often ``bv/rbv_norm``, ``bv/active_neurons`` and ``bv/active_fraction`` are
-            computed and logged (None: the Trainer's ``log_every_n_steps``).
+        log_every_n_steps: how often ``bv/rbv_norm`` (every group), ``bv/active_neurons`` and
+            ``bv/active_fraction`` (the ReLU neurons) and, with low-rank layers, ``bv/active_rank_components`` (the
+            live components of the ``<layer>:rank`` groups) are computed and logged (None: the Trainer's
+            ``log_every_n_steps``).
         on_nonfinite: what to do when a group's weights are NaN or infinite (checked on the norms each update
             computes anyway, before the group is changed): ``"raise"`` stops the fit with a
             :class:`~lightning_bv.functional.rbv.NonFiniteWeightsError` (a ``FloatingPointError``) naming the group
@@ -281,16 +283,21 @@ class PathNormRegularization(CallbackBase):
     @torch.no_grad()
     def _log(self, pl_module: pl.LightningModule) -> None:
         assert self.groups is not None
-        total, active, count = 0.0, 0, 0
+        total, active, count, components = 0.0, 0, 0, 0  # ReLU neurons; rank components ("<layer>:rank") apart
         for g in self.groups:
             w, v = group_norms(g, self.q)
             s = w * v
             total += float(s.sum())
+            if g.activation == "identity":
+                components += int((s > 0).sum())
+                continue
             active += int((s > 0).sum())
             count += g.num_neurons
         pl_module.log("bv/rbv_norm", total, prog_bar=True, on_step=True, on_epoch=False)
         pl_module.log("bv/active_neurons", float(active), prog_bar=True, on_step=True, on_epoch=False)
         pl_module.log("bv/active_fraction", active / max(count, 1), on_step=True, on_epoch=False)
+        if any(g.activation == "identity" for g in self.groups):
+            pl_module.log("bv/active_rank_components", float(components), on_step=True, on_epoch=False)
 
     # -- checkpointing ---------------------------------------------------------------------------------------
     @override
