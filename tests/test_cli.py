@@ -24,7 +24,9 @@ SMOKE = [
 
 
 def run_cli(args, cwd, timeout=300):
-    env = {**os.environ, "WANDB_MODE": "offline", "PYTHONWARNINGS": "ignore"}
+    # this checkout's package, also from another cwd (an editable install may point at another checkout)
+    path = os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])
+    env = {**os.environ, "WANDB_MODE": "offline", "PYTHONWARNINGS": "ignore", "PYTHONPATH": path}
     return subprocess.run(
         [sys.executable, "-m", "lightning_bv.cli", *args],
         cwd=cwd,
@@ -124,6 +126,24 @@ BAD = {
         "'no_such_layer' matched no module",
     ),
     "bad value": (["--model.init_args.lr=-1"], "`lr` must be a finite float >= 0, got -1.0"),
+    "a second PathNormRegularization": (
+        ["--trainer.callbacks+=PathNormRegularization", "--trainer.callbacks.lam=0.1"],
+        "trainer.callbacks has two PathNormRegularization callbacks with the same state_key, which Lightning cannot "
+        "checkpoint side by side. The default run already has one PathNormRegularization: change it with its flags "
+        "(--lam, --mode)",
+    ),
+    "misspelled class": (["--trainer.callbacks+=LowRnak"], "'LowRnak' is not a class lightning-bv knows (nor an "),
+    "misspelled class, suggestion": (["--trainer.callbacks+=LowRnak"], "Did you mean 'LowRank'?"),
+    "missing lam and a bad mode": (
+        ["--trainer.callbacks+=PathNormRegularization", "--trainer.callbacks.mode=proxx"],
+        "the following arguments are required: lam. Also: `mode` must be one of ('prox', 'penalty', "
+        "'weight_decay'), got 'proxx'.",
+    ),
+    "bad --mode": (["--mode=proxx"], "`mode` must be one of ('prox', 'penalty', 'weight_decay'), got 'proxx'"),
+    "--rank without LowRank": (
+        ["--config", str(CONFIGS / "spline.yaml"), "--rank=3"],
+        "`--rank` sets `rank` of the run's LowRank in trainer.callbacks, but the run has 0 of them",
+    ),
 }
 
 
@@ -139,6 +159,16 @@ def test_bad_input_is_one_paragraph_and_exit_code_2(case, tmp_path, monkeypatch,
     assert len(message) == 1, err
     assert expected in message[0]
     assert "Traceback" not in err
+
+
+def test_knob_flags_set_the_default_callbacks(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    args = cli.with_default_config(["fit", "--lam=0.1", "--mode", "penalty", "--rank=8", "--trainer.logger=false"])
+    built = cli.BVLightningCLI(args=args[1:], run=False)  # run=False parses without a subcommand
+    (reg,) = [c for c in built.trainer.callbacks if type(c).__name__ == "PathNormRegularization"]
+    (low,) = [c for c in built.trainer.callbacks if type(c).__name__ == "LowRank"]
+    assert (reg.lam, reg.mode, low.rank) == (0.1, "penalty", 8)
+    assert "--lam LAM             PathNormRegularization's `lam`" in run_cli(["fit", "--help"], cwd=tmp_path).stdout
 
 
 def test_bad_input_in_a_subprocess_exits_2_without_traceback(tmp_path):
