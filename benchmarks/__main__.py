@@ -37,6 +37,7 @@ BENCHMARKS: dict[str, tuple[str, list[str]]] = {
     "sparsity": ("sparsity against accuracy: PathNormRegularization, AdamW weight decay, ModelPruning", ["--quick"]),
     "convergence": ("objective loss + lam * R against steps: prox vs weight decay", ["--quick"]),
     "theory_checks": ("the checks of THEORY.md", ["--quick"]),
+    "examples": ("the numbers of examples/*.md (default run, digits.py, 2-process DDP); rewrites them", ["--smoke"]),
 }
 
 

@@ -74,13 +74,18 @@ def test_existing_project_snippet_runs(tmp_path, monkeypatch):
     assert scope["trainer"].global_step == 3
 
 
-def test_plain_pytorch_snippet_runs():
+def test_plain_pytorch_snippet_runs_and_prints_without_warnings(capsys):
+    import warnings
+
     from torch import nn
 
     model = nn.Sequential(nn.Linear(3, 16), nn.ReLU(), nn.Linear(16, 1))
     scope = {"model": model, "example_input": torch.randn(4, 3), "lam": 0.1, "lr": 0.05}
-    exec(blocks("python")[1], scope)  # noqa: S102
-    assert scope["penalty"].requires_grad
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # printing the values must not warn (float() of a grad tensor does)
+        exec(blocks("python")[1], scope)  # noqa: S102
+    assert scope["penalty"].requires_grad  # still differentiable
+    assert re.fullmatch(r"R = [\d.e+-]+, l1 path-norm = [\d.e+-]+\n", capsys.readouterr().out)
 
 
 def test_api_table_shows_the_real_defaults():
