@@ -204,8 +204,6 @@ class NeuronPruning(CallbackBase):
             )
             return None
         report = compact(pl_module, self.groups, tol=self.tol)
-        if report.params_after < report.params_before:
-            self._shrunk_id = id(pl_module)
         if report.param_map:
             for optimizer in trainer.optimizers:
                 slice_optimizer_state_(optimizer, report.param_map)
@@ -215,6 +213,8 @@ class NeuronPruning(CallbackBase):
                     report.update_groups_(groups)
         report.param_map = {}
         self.report = report
+        if report.params_after < report.params_before:  # older checkpoints now need larger sizes to load
+            self._shrunk_id = id(pl_module)
         self.history.append(
             {
                 "epoch": float(trainer.current_epoch),

@@ -74,10 +74,8 @@ class PathNormRegularization(CallbackBase):
             (same test accuracy) and 16 neurons against 5 on a 5-neuron teacher (test MSE 2.0e-3 against 1.3e-4).
         example_input: discover the groups by running the module on this at ``setup`` instead of on the first
             training step.
-        log_every_n_steps: how often ``bv/rbv_norm`` (every group), ``bv/active_neurons`` and
-            ``bv/active_fraction`` (the ReLU neurons) and, with low-rank layers, ``bv/active_rank_components`` (the
-            live components of the ``<layer>:rank`` groups) are computed and logged (None: the Trainer's
-            ``log_every_n_steps``).
+        log_every_n_steps: how often ``bv/rbv_norm``, ``bv/active_neurons`` and ``bv/active_fraction`` are
+            computed and logged (None: the Trainer's ``log_every_n_steps``).
         on_nonfinite: what to do when a group's weights are NaN or infinite (checked on the norms each update
             computes anyway, before the group is changed): ``"raise"`` stops the fit with a
             :class:`~lightning_bv.functional.rbv.NonFiniteWeightsError` (a ``FloatingPointError``) naming the group
@@ -283,12 +281,12 @@ class PathNormRegularization(CallbackBase):
     @torch.no_grad()
     def _log(self, pl_module: pl.LightningModule) -> None:
         assert self.groups is not None
-        total, active, count, components = 0.0, 0, 0, 0  # ReLU neurons; rank components ("<layer>:rank") apart
+        total, active, count, components = 0.0, 0, 0, 0
         for g in self.groups:
             w, v = group_norms(g, self.q)
             s = w * v
             total += float(s.sum())
-            if g.activation == "identity":
+            if g.activation == "identity":  # rank components of a low-rank layer: not neurons
                 components += int((s > 0).sum())
                 continue
             active += int((s > 0).sum())
