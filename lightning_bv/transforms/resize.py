@@ -15,6 +15,7 @@ from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
 
 from lightning_bv.neurons import low_rank_factors
 
@@ -81,7 +82,8 @@ def resize_to_state_dict_(
     features or channels are *larger* (compaction only shrinks; the saved rank of a low-rank layer may be either):
     that is a checkpoint of another architecture, and ``load_state_dict`` reports the mismatching keys; with
     ``grow=True`` they get the larger sizes too (to load a checkpoint saved before a compaction into the compacted
-    model). Build the optimizer afterwards.
+    model; a layer saved as the factors of a product that compaction merged into one weight becomes that product
+    again, and the other way round). Build the optimizer afterwards.
 
     Args:
         model: the freshly built model.
@@ -104,12 +106,33 @@ def resize_to_state_dict_(
 
     """
     resized = []
-    for name, m in model.named_modules():
+    for name, m in list(model.named_modules()):
         base = prefix + (f"{name}." if name else "")
         saved = {k[len(base) :]: v for k, v in state_dict.items() if k.startswith(base) and isinstance(v, Tensor)}
-        if _resize_module(m, saved, grow):
+        changed = grow and _restructure(m, saved)
+        if _resize_module(m, saved, grow) or changed:
             resized.append(name)
     return resized
+
+
+def _restructure(m: Any, saved: dict[str, Tensor]) -> bool:
+    """A dense layer saved as factors ``U, V`` becomes ``U @ V`` (low-rank); a low-rank one saved dense, dense.
+
+    For ``grow=True``: a checkpoint saved before compaction holds the factors of a product that compaction merged
+    into one dense weight (or the other way round); the values come from the state_dict right after.
+    """
+    if not isinstance(m, (nn.Linear, *_CONVS)) or getattr(m, "groups", 1) != 1:
+        return False
+    factors = low_rank_factors(m)
+    if factors is None and _U in saved and _V in saved and "weight" not in saved:
+        from lightning_bv.transforms.low_rank import _apply_ranks
+
+        _apply_ranks({"": m}, {"": int(saved[_U].shape[1])})
+        return True
+    if factors is not None and "weight" in saved and _U not in saved:
+        parametrize.remove_parametrizations(m, "weight", leave_parametrized=True)
+        return True
+    return False
 
 
 def _resize_module(m: Any, saved: dict[str, Tensor], grow: bool = False) -> bool:

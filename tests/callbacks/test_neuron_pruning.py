@@ -190,6 +190,25 @@ def test_any_checkpoint_of_the_run_tests_before_or_after_compaction(tmp_path):
     assert result["test_loss"] == pytest.approx(loss, rel=1e-6)
 
 
+def test_resize_with_grow_takes_larger_sizes_and_factors_back():
+    # what loading a checkpoint saved before compaction into the compacted module needs: larger sizes, and the
+    # factors U, V of a product that compaction merged into one dense weight (or a dense weight saved for a product)
+    torch.manual_seed(0)
+    before = lbv.apply_low_rank(nn.Sequential(nn.Linear(3, 8), nn.ReLU(), nn.Linear(8, 5)), rank=4, targets=["2"])
+    after = nn.Sequential(nn.Linear(3, 6), nn.ReLU(), nn.Linear(6, 5))  # smaller, and net 2 merged (dense)
+    x = torch.randn(4, 3)
+    assert resize_to_state_dict_(after, before.state_dict()) == []  # by default only smaller sizes are taken
+    assert sorted(resize_to_state_dict_(after, before.state_dict(), grow=True)) == ["0", "2"]
+    after.load_state_dict(before.state_dict())
+    assert lbv.is_low_rank(after[2])
+    torch.testing.assert_close(after(x), before(x))
+    dense = nn.Sequential(nn.Linear(3, 8), nn.ReLU(), nn.Linear(8, 5))
+    resize_to_state_dict_(after, dense.state_dict(), grow=True)
+    after.load_state_dict(dense.state_dict())
+    assert not lbv.is_low_rank(after[2])
+    torch.testing.assert_close(after(x), dense(x))
+
+
 def test_compacted_model_saved_next_to_the_checkpoints_without_save_last(tmp_path):
     torch.manual_seed(0)
     pruning = NeuronPruning()
