@@ -184,9 +184,8 @@ class NeuronPruning(CallbackBase):
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
-        state.update(
-            groups=None, report=None, _hook=None, _shrunk_id=None
-        )  # they hold the module: never pickled (ddp_spawn)
+        # they hold the module, or name it in this process: never pickled (ddp_spawn)
+        state.update(groups=None, report=None, _hook=None, _shrunk_id=None)
         return state
 
     # -- compaction ------------------------------------------------------------------------------------------
