@@ -24,9 +24,7 @@ SMOKE = [
 
 
 def run_cli(args, cwd, timeout=300):
-    # this checkout's package, also from another cwd (an editable install may point at another checkout)
-    path = os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])
-    env = {**os.environ, "WANDB_MODE": "offline", "PYTHONWARNINGS": "ignore", "PYTHONPATH": path}
+    env = {**os.environ, "WANDB_MODE": "offline", "PYTHONWARNINGS": "ignore"}  # PYTHONPATH: tests/conftest.py
     return subprocess.run(
         [sys.executable, "-m", "lightning_bv.cli", *args],
         cwd=cwd,
