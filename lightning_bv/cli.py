@@ -7,6 +7,7 @@ change it (``--trainer.max_epochs=5``); a ``--config`` file replaces it entirely
 ``class_path``/``init_args`` entry, so any callback, logger, model or datamodule can be set from YAML or flags::
 
     lightning-bv fit
+    lightning-bv fit --lam=0.01 --mode=penalty --rank=8   # the default run's main knobs (KNOBS)
     lightning-bv fit --trainer.max_epochs=5 --trainer.logger=WandbLogger
     lightning-bv fit --config examples/configs/spline.yaml
     lightning-bv fit --trainer.callbacks+=LowRank --trainer.callbacks.rank=8 ...
@@ -21,12 +22,17 @@ W&B run folder, where W&B writes its own ``config.yaml``), ``summary.txt``, ``su
 1-D models). With a ``WandbLogger`` and no W&B account configured (no ``WANDB_API_KEY``, no ``wandb login``),
 ``WANDB_MODE=offline`` is set: the run is saved locally.
 
-Bad input (an unknown argument, a missing config file, a bad value, a ``targets`` that matches nothing) prints one
-paragraph and exits with code 2; ``LIGHTNING_BV_DEBUG=1`` shows the traceback instead.
+``--lam`` and ``--mode`` set those arguments of the run's one ``PathNormRegularization``, ``--rank`` of its one
+``LowRank`` (with any ``--config``). Bad input (an unknown argument, a misspelled class name, which gets the closest
+known name, a missing config file, a bad value, a ``targets`` that matches nothing, a second callback Lightning cannot
+checkpoint next to the first) prints one paragraph naming every problem found and exits with code 2;
+``LIGHTNING_BV_DEBUG=1`` shows the traceback instead.
 """
 
 from __future__ import annotations
 
+import ast
+import difflib
 import importlib
 import inspect
 import netrc
@@ -35,7 +41,7 @@ import re
 import sys
 import warnings
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, Optional, cast
 from urllib.parse import urlparse
 
 import pytorch_lightning as pl
@@ -168,6 +174,18 @@ class BVLightningCLI(LightningCLI):
             run=run,
         )
 
+    @override
+    def add_arguments_to_parser(self, parser: Any) -> None:
+        """The main knobs of the run as flags of their own: ``--lam``, ``--mode``, ``--rank`` (see :data:`KNOBS`)."""
+        for flag, (cls_name, kind, what) in KNOBS.items():
+            parser.add_argument(f"--{flag}", type=Optional[kind], default=None, help=f"{cls_name}'s `{flag}`: {what}")
+
+    @override
+    def before_instantiate_classes(self) -> None:
+        """Give each knob flag that was set to the one callback of its class in ``trainer.callbacks``."""
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        set_knobs(config)
+
     def before_fit(self) -> None:
         """Put the :class:`~lightning_bv._summary.RunSummary` callback first, to see the model as built."""
         self.summary = _summary.RunSummary()
@@ -232,6 +250,36 @@ class BVLightningCLI(LightningCLI):
             print(f"W&B: offline run in {folder.parent} (upload it with `wandb sync {folder.parent}`)")
 
 
+# flag -> (the class name of the callback it sets, the type, what it is); the default run has one of each
+KNOBS: dict[str, tuple[str, type, str]] = {
+    "lam": ("PathNormRegularization", float, "the regularization strength (the default run's: 0.03)"),
+    "mode": ("PathNormRegularization", str, "'prox', 'penalty' or 'weight_decay' (the default run's: prox)"),
+    "rank": ("LowRank", int, "the rank of the low-rank layers (the default run's: 16)"),
+}
+
+
+def set_knobs(config: Any) -> None:
+    """Write ``config.lam`` etc. (:data:`KNOBS`) into the ``init_args`` of the one callback of each flag's class.
+
+    Raises:
+        ValueError: a flag was set, but ``trainer.callbacks`` has no callback of its class, or several.
+    """
+    callbacks = config.get("trainer.callbacks") if "trainer" in config else None
+    entries = callbacks if isinstance(callbacks, list) else [callbacks] if callbacks is not None else []
+    for flag, (cls_name, _, _) in KNOBS.items():
+        value = config.get(flag)
+        if value is None:
+            continue
+        owners = [cb for cb in entries if str(getattr(cb, "class_path", "")).rpartition(".")[2] == cls_name]
+        if len(owners) != 1:
+            raise ValueError(
+                f"`--{flag}` sets `{flag}` of the run's {cls_name} in trainer.callbacks, but the run has "
+                f"{len(owners)} of them: add one (--trainer.callbacks+={cls_name}) or, with several, set it on "
+                f"each in a --config file"
+            )
+        owners[0].init_args[flag] = value
+
+
 def _overrides(obj: Any, method: str) -> bool:
     owner = next((c for c in type(obj).__mro__ if method in vars(c)), None)
     return owner is not None and owner.__module__.split(".")[0] not in ("pytorch_lightning", "lightning")
@@ -288,6 +336,15 @@ def one_paragraph(err: BaseException) -> str:
     text = str(err)
     first = text.splitlines()[0].strip() if text.strip() else type(err).__name__
     head = first if first.startswith("Parser key") else ""
+    twice = re.search(r"Found more than one stateful callback of type `(\w+)`", text)
+    if twice is not None:
+        name = twice.group(1)
+        return (
+            f"trainer.callbacks has two {name} callbacks with the same state_key, which Lightning cannot checkpoint "
+            f"side by side. The default run already has one {name}: change it with its flags "
+            f"({', '.join(f'--{k}' for k, v in KNOBS.items() if v[0] == name) or 'or a --config file'}) instead of "
+            f"adding another, or give the two different `targets`"
+        )
     problem = re.search(r"Problem with given class_path '([\w.]+)':\s*\n\s*(.+)", text)
     if problem is not None:
         class_path, what = problem.group(1), problem.group(2).strip()
@@ -295,7 +352,17 @@ def one_paragraph(err: BaseException) -> str:
         accepted = _accepted_args(class_path) if "not accepted" in what else ""
         if accepted:
             message += f" {class_path.rpartition('.')[2]} accepts: {accepted}."
+        required = re.match(r"the following arguments are required: (.+)", what)
+        if required is not None:
+            missing = [a.strip() for a in required.group(1).split(",")]
+            message += "".join(f" Also: {p}." for p in _other_problems(text, class_path, missing))
         return message
+    unknown = re.search(r"Expected a path but (\S+) either not accessible or invalid|Import path (\S+) does", text)
+    if unknown is not None:
+        name = (unknown.group(1) or unknown.group(2)).strip("'\"")
+        close = difflib.get_close_matches(name.rpartition(".")[2], _known_classes(), n=1, cutoff=0.6)
+        suggestion = f" Did you mean {close[0]!r}?" if close else ""
+        return f"{head} {name!r} is not a class lightning-bv knows (nor an import path).{suggestion}".strip()
     items = [i.strip() for i in re.findall(r"^\s*- (.+)$", text, re.MULTILINE)]
     specific = [i for i in items if not i.startswith(_GENERIC)]
     if specific:  # a union of types (e.g. a list of callbacks) where one member's own error says what is wrong
@@ -303,11 +370,72 @@ def one_paragraph(err: BaseException) -> str:
     return " ".join(text.split())
 
 
+def _known_classes() -> list[str]:
+    """Short class names the CLI resolves: lightning_bv's callbacks and modules, Lightning's callbacks and loggers."""
+    import pytorch_lightning.callbacks as pl_callbacks
+    import pytorch_lightning.loggers as pl_loggers
+
+    import lightning_bv.modules as bv_modules
+
+    names = [*lightning_bv.callbacks.__all__, *bv_modules.__all__, *pl_callbacks.__all__, *pl_loggers.__all__]
+    return sorted(set(names))
+
+
+def _literal(node: ast.AST) -> Any:
+    """The value of a ``repr`` made of ``Namespace(...)``, lists, tuples, dicts and constants (nothing is run)."""
+    if isinstance(node, ast.Constant):
+        return node.value
+    if isinstance(node, (ast.List, ast.Tuple)):
+        return [_literal(e) for e in node.elts]
+    if isinstance(node, ast.Dict):
+        return {_literal(k): _literal(v) for k, v in zip(node.keys, node.values) if k is not None}
+    if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "Namespace":
+        return {kw.arg: _literal(kw.value) for kw in node.keywords if kw.arg}
+    raise ValueError("not a literal")
+
+
+def _other_problems(text: str, class_path: str, missing: list[str]) -> list[str]:
+    """The errors of the other arguments given to a lightning_bv class that also lacks required ones.
+
+    jsonargparse stops at the missing argument; the class's own checks of the others would come only after it is
+    given. They are run here, with a stand-in for each missing argument (0.0 for a float, 1 for an int).
+    """
+    if not class_path.startswith("lightning_bv."):
+        return []
+    given = re.search(r"Given value: (.+)$", text, re.MULTILINE)
+    try:
+        value = _literal(ast.parse(given.group(1).strip(), mode="eval").body) if given else None
+        module, _, name = class_path.rpartition(".")
+        cls = getattr(importlib.import_module(module), name)
+        params = inspect.signature(cls.__init__).parameters
+    except (SyntaxError, ValueError, ImportError, AttributeError, TypeError):
+        return []
+    entries = value if isinstance(value, list) else [value]
+    problems = []
+    for entry in entries:
+        init_args = entry.get("init_args") if isinstance(entry, dict) else None
+        if entry is None or entry.get("class_path") != class_path or not isinstance(init_args, dict):
+            continue
+        if any(init_args.get(m) is not None for m in missing):
+            continue
+        kwargs = dict(init_args)
+        for m in missing:
+            annotation = str(params[m].annotation) if m in params else ""
+            kwargs[m] = 0.0 if "float" in annotation else 1 if "int" in annotation else None
+        try:
+            cls(**kwargs)
+        except (ValueError, TypeError) as err:
+            problems.append(" ".join(str(err).split()).rstrip("."))
+    return problems
+
+
 _GENERIC = ("Not a valid subclass", "Expected a <class 'NoneType'>", "a class path", "a dict ", "Problem with given")
 
 
 def _is_user_error(err: BaseException) -> bool:
     names = {c.__name__ for c in type(err).__mro__}
+    if "RuntimeError" in names and "more than one stateful callback" in str(err):
+        return True  # two callbacks of one class with the same state_key (Trainer's check)
     return bool(names & {"ArgumentError", "ValueError", "TypeError", "MisconfigurationException", "FileNotFoundError"})
 
 

@@ -297,7 +297,7 @@ SHARDED = r"does not support the sharded strategy FSDPStrategy: it .*Use strateg
 # fmt: off
 SETUP_ROWS = [
     ("LowRank-targets-nothing", MLPModule, single, LowRank(rank=1, targets=["nope"]), lbv.TargetsMatchNothingError, MATCH_NOTHING),
-    ("LowRank-rank-too-large", MLPModule, single, LowRank(rank=4), ValueError, r"`rank`=4 is too large for layer 'net\.4'"),
+    ("LowRank-rank-too-large", MLPModule, single, LowRank(rank=4, targets=["net.4"]), ValueError, r"`rank`=4 is too large for layer 'net\.4'"),
     ("LowRank-unsupported-layer", MLPModule, single, LowRank(rank=1, targets=r"net\.[01]"), TypeError, r"'net\.1' \(ReLU\), which is not an nn\.Linear"),
     ("LowRank-fsdp", MLPModule, fsdp, LowRank(rank=1), ValueError, "LowRank " + SHARDED),
     ("SkipConnections-targets-nothing", MLPModule, single, SkipConnections(targets=["net.0", "nope"]), lbv.TargetsMatchNothingError, MATCH_NOTHING),

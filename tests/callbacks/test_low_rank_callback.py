@@ -196,7 +196,11 @@ def test_bad_arguments(kwargs, error, match):
     ("kwargs", "error", "match"),
     [
         ({"rank": 1, "targets": ["nope"]}, lbv.TargetsMatchNothingError, r"'nope' matched no module.*Available: \["),
-        ({"rank": 2}, ValueError, r"`rank`=2 is too large for layer 'net.4' \(Linear\(.*\)\): its weight is a 1 x 16"),
+        (
+            {"rank": 2, "targets": ["0", "net.4"]},
+            ValueError,
+            r"`rank`=2 is too large for layer 'net.4' \(Linear\(.*\)\): its weight is a 1 x 16",
+        ),
         ({"rank": 1, "targets": "net"}, TypeError, r"selected 'net' \(Sequential\), which is not an nn.Linear"),
     ],
 )
@@ -206,6 +210,20 @@ def test_bad_targets_raise_at_setup_and_change_nothing(kwargs, error, match):
     with pytest.raises(error, match=match):
         trainer(callbacks=[LowRank(**kwargs)], max_steps=1).fit(module)
     assert list(module.state_dict()) == keys
+
+
+@pytest.mark.parametrize("targets", [None, r"net\.[024]"])
+def test_a_layer_of_rank_at_most_rank_stays_dense_and_is_listed(targets, caplog):
+    # net.4 is 1 x 16 (rank <= 1): rank=6 would not make it smaller, and only targets naming it explicitly raise
+    module = MLPModule()
+    cb = LowRank(rank=6, targets=targets)
+    with caplog.at_level("INFO"):
+        trainer(callbacks=[cb], max_steps=1).fit(module)
+    assert cb.ranks == {"net.2": 6}  # net.0 is 16 x 4: rank <= 4 already, also left dense
+    assert cb.ranks.keys().isdisjoint(cb.left_dense)
+    assert cb.left_dense == {"net.0": 4, "net.4": 1}
+    assert not lbv.is_low_rank(module.net[4])
+    assert "LowRank(rank=6) leaves 2 layer(s) dense: 'net.0' (rank <= 4), 'net.4' (rank <= 1)" in caplog.text
 
 
 def test_zero_weight_warns():

@@ -134,6 +134,97 @@ def test_resume_after_mid_training_compaction_matches_uninterrupted(tmp_path):
         torch.testing.assert_close(p, q, atol=1e-6, rtol=0)
 
 
+class EvalMLP(MLPModule):
+    """``MLPModule`` with a validation and a test split (``val_loss``, ``test_loss``)."""
+
+    def _loss(self, batch):
+        x, y = batch
+        return nn.functional.mse_loss(self(x), y)
+
+    def validation_step(self, batch, batch_idx):
+        self.log("val_loss", self._loss(batch))
+
+    def test_step(self, batch, batch_idx):
+        self.log("test_loss", self._loss(batch))
+
+    def val_dataloader(self):
+        return torch.utils.data.DataLoader(regression_data(32, self.hparams.d, seed=1), batch_size=16)
+
+    test_dataloader = val_dataloader
+
+
+def shapes(state_dict):
+    return {k: tuple(v.shape) for k, v in state_dict.items()}
+
+
+def test_any_checkpoint_of_the_run_tests_before_or_after_compaction(tmp_path):
+    torch.manual_seed(0)
+    module = EvalMLP(lr=0.05)
+    pruning = NeuronPruning(every_n_epochs=1)
+    save = pl.callbacks.ModelCheckpoint(dirpath=tmp_path, monitor="val_loss", save_top_k=-1, save_last=True)
+    t = trainer(
+        callbacks=[PathNormRegularization(lam=2.0), pruning, save],
+        max_epochs=3,
+        max_steps=-1,
+        enable_checkpointing=True,
+    )
+    t.fit(module)
+    final = shapes(module.state_dict())
+    loss = t.test(module, verbose=False)[0]["test_loss"]
+    # the compacted model is the last checkpoint
+    assert pruning.checkpoint_path == save.last_model_path
+    assert shapes(torch.load(save.last_model_path, weights_only=False)["state_dict"]) == final
+    epochs = sorted(str(p) for p in tmp_path.glob("epoch=*.ckpt"))
+    saved = [shapes(torch.load(p, weights_only=False)["state_dict"]) for p in epochs]
+    assert saved[0] != final  # saved before the first compaction: larger than the module is now
+    for path in [*epochs, "best", "last"]:
+        result = t.test(module, ckpt_path=path, verbose=False)[0]
+        want = final if path == "last" else saved[epochs.index(save.best_model_path if path == "best" else path)]
+        assert shapes(module.state_dict()) == want, path
+        if path == "last":
+            assert result["test_loss"] == pytest.approx(loss, rel=1e-6)
+    # a fresh process: a module built at full size, and a Trainer with NeuronPruning in its callbacks
+    fresh = EvalMLP()
+    result = trainer(callbacks=[NeuronPruning()]).test(fresh, ckpt_path=save.last_model_path, verbose=False)[0]
+    assert shapes(fresh.state_dict()) == final
+    assert result["test_loss"] == pytest.approx(loss, rel=1e-6)
+
+
+def test_resize_with_grow_takes_larger_sizes_and_factors_back():
+    # what loading a checkpoint saved before compaction into the compacted module needs: larger sizes, and the
+    # factors U, V of a product that compaction merged into one dense weight (or a dense weight saved for a product)
+    torch.manual_seed(0)
+    before = lbv.apply_low_rank(nn.Sequential(nn.Linear(3, 8), nn.ReLU(), nn.Linear(8, 5)), rank=4, targets=["2"])
+    after = nn.Sequential(nn.Linear(3, 6), nn.ReLU(), nn.Linear(6, 5))  # smaller, and net 2 merged (dense)
+    x = torch.randn(4, 3)
+    assert resize_to_state_dict_(after, before.state_dict()) == []  # by default only smaller sizes are taken
+    assert sorted(resize_to_state_dict_(after, before.state_dict(), grow=True)) == ["0", "2"]
+    after.load_state_dict(before.state_dict())
+    assert lbv.is_low_rank(after[2])
+    torch.testing.assert_close(after(x), before(x))
+    dense = nn.Sequential(nn.Linear(3, 8), nn.ReLU(), nn.Linear(8, 5))
+    resize_to_state_dict_(after, dense.state_dict(), grow=True)
+    after.load_state_dict(dense.state_dict())
+    assert not lbv.is_low_rank(after[2])
+    torch.testing.assert_close(after(x), dense(x))
+
+
+def test_compacted_model_saved_next_to_the_checkpoints_without_save_last(tmp_path):
+    torch.manual_seed(0)
+    pruning = NeuronPruning()
+    save = pl.callbacks.ModelCheckpoint(dirpath=tmp_path)
+    module = EvalMLP()
+    trainer(
+        callbacks=[PathNormRegularization(lam=2.0), pruning, save],
+        max_epochs=2,
+        max_steps=-1,
+        enable_checkpointing=True,
+    ).fit(module)
+    assert pruning.checkpoint_path == str(tmp_path / "compacted.ckpt")
+    assert shapes(torch.load(pruning.checkpoint_path, weights_only=False)["state_dict"]) == shapes(module.state_dict())
+    assert pruning.report.params_after < pruning.report.params_before
+
+
 def test_resize_to_state_dict_for_low_rank_cnn():
     def build():
         torch.manual_seed(0)

@@ -141,6 +141,23 @@ def test_logs_metrics_and_prox_makes_neurons_dead():
     assert m["bv/active_neurons"].item() == (scores > 0).sum().item() < 32
     assert m["bv/rbv_norm"].item() == pytest.approx(scores.sum().item(), rel=1e-5)
     assert "bv/rbv_norm" in t.progress_bar_metrics
+    assert "bv/active_rank_components" not in m  # no low-rank layer
+
+
+def test_active_neurons_count_relu_neurons_and_rank_components_apart():
+    torch.manual_seed(0)
+    module = MLPModule(lr=0.05)
+    lbv.apply_low_rank(module.net, rank=3, targets=["2"])  # 32 ReLU neurons and a 3-component 'net.2:rank' group
+    cb = PathNormRegularization(lam=1e-4)
+    t = trainer(callbacks=[cb], max_steps=2)
+    t.fit(module)
+    scores = lbv.neuron_scores(cb.groups)
+    relu = [g.name for g in cb.groups if g.activation != "identity"]
+    assert sorted(scores.keys() - set(relu)) == ["net.2:rank"]
+    m = t.callback_metrics
+    assert m["bv/active_neurons"].item() == sum(int((scores[n] > 0).sum()) for n in relu) == 32
+    assert m["bv/active_fraction"].item() == 1.0
+    assert m["bv/active_rank_components"].item() == 3
 
 
 def test_lam_schedule_callable():

@@ -144,7 +144,6 @@ def test_bad_arguments(kwargs, error, match):
         ({"targets": ["nope"]}, lbv.TargetsMatchNothingError, r"'nope' matched no module.*Available: \['net', 'net.0'"),
         ({"targets": [""]}, lbv.TargetsMatchNothingError, r"'' matched no module"),  # not the LightningModule itself
         ({"targets": ["net.0"], "kind": "identity"}, ValueError, r"kind=\"identity\" needs 'net.0' to keep its input"),
-        ({"targets": ["net"]}, TypeError, r"Cannot read the input and output sizes of 'net' \(Sequential\)"),
     ],
 )
 def test_bad_targets_raise_at_setup_and_change_nothing(kwargs, error, match):
@@ -159,3 +158,83 @@ def test_spawn_warns():
     spawn = trainer(strategy="ddp_spawn", devices=2)  # not started: only its launcher is read
     with pytest.warns(UserWarning, match=r"SkipConnections changes the model inside the worker processes"):
         SkipConnections(targets=["net.0"]).setup(spawn, MLPModule(), "fit")
+
+
+class Generic(nn.Module):
+    """No in_features/out_features and not a Sequential: its sizes need a forward pass."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(4, 8)
+
+    def forward(self, x):
+        return torch.relu(self.a(x))
+
+
+class GenericMLP(MLPModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(Generic(), nn.Linear(8, 1))
+
+
+class NoForward(GenericMLP):
+    """A LightningModule without ``forward`` (training_step calls its layers): no example input can be passed."""
+
+    forward = pl.LightningModule.forward
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        self.log("train_loss", 1.0)
+        return nn.functional.mse_loss(self.net(x), y)
+
+
+def test_a_sequential_block_is_sized_without_an_example_input():
+    torch.manual_seed(0)
+    module = MLPModule()
+    x = torch.randn(3, 4)
+    y = module(x)
+    cb = SkipConnections(targets=["net"])  # Linear(4, 16) first, Linear(16, 1) last
+    trainer(callbacks=[cb], max_steps=1).fit(module)
+    assert (module.net.skip.in_features, module.net.skip.out_features) == (4, 1)
+    assert cb.wrapped == ["net"]
+    assert module(x).shape == y.shape
+
+
+def test_sizes_from_the_first_training_step_without_forward_or_example_input():
+    torch.manual_seed(0)
+    module = NoForward()
+    before = {k: v.clone() for k, v in module.state_dict().items()}
+    cb = SkipConnections(targets=["net.0"])
+    t = trainer(callbacks=[cb], max_steps=2)
+    t.fit(module)
+    assert isinstance(module.net[0].skip, nn.Linear)
+    assert (module.net[0].skip.in_features, module.net[0].skip.out_features) == (4, 8)
+    optimized = [p for g in t.optimizers[0].param_groups for p in g["params"]]
+    assert any(p is module.net[0].skip.weight for p in optimized)  # before the optimizer was built
+    assert not torch.equal(module.net[0].module.a.weight, before["net.0.a.weight"])  # trained from the same start
+
+
+def test_sizes_from_example_input_array():
+    module = GenericMLP()
+    module.example_input_array = torch.randn(2, 4)
+    trainer(callbacks=[SkipConnections(targets=["net.0"])], max_steps=1).fit(module)
+    assert (module.net[0].skip.in_features, module.net[0].skip.out_features) == (4, 8)
+
+
+def test_no_batch_at_setup_and_no_example_input_raises():
+    class Late(NoForward):
+        def setup(self, stage):
+            self.ds = regression_data(16, 4)
+
+        def train_dataloader(self):
+            return DataLoader(self.ds, batch_size=4)
+
+    module = Late()
+    keys = list(module.state_dict())
+    with pytest.raises(
+        ValueError,
+        match=r"SkipConnections cannot read the input and output sizes of 'net.0'.*"
+        r"could not run at setup \(its train dataloader cannot be built at setup.*Pass `example_input=`",
+    ):
+        trainer(callbacks=[SkipConnections(targets=["net.0"])], max_steps=1).fit(module)
+    assert list(module.state_dict()) == keys

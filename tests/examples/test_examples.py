@@ -95,3 +95,33 @@ def test_spline_1d_full_run_is_a_sparse_spline(tmp_path):
     assert result["knots"] >= result["knots_merged_between_data"]
     assert result["rbv_norm"] == pytest.approx(result["tv_of_derivative"], rel=1e-3)
     assert result["train_mse"] < 0.01
+
+
+def test_every_measured_number_of_the_example_pages_is_in_a_regenerated_block(tmp_path):
+    """The tables, neuron counts and wall times of examples/*.md are in the blocks benchmarks.examples rewrites."""
+    from benchmarks import examples as regen
+
+    readme, multi_gpu = (EXAMPLES / "README.md").read_text(), (EXAMPLES / "multi_gpu.md").read_text()
+    blocks = {}
+    for name, path in regen.DOCS.items():
+        found = re.search(
+            rf"<!-- benchmarks.examples:{name} -->\n(.*?)\n<!-- /benchmarks.examples:{name} -->", path.read_text(), re.S
+        )
+        assert found is not None, name
+        blocks[name] = found.group(1)
+    assert "test acc" in blocks["default"]
+    assert "neurons (ReLU)" in blocks["default"]
+    assert blocks["digits"].count("/ 256") == 4
+    assert "neurons left" in blocks["multi_gpu"]
+    outside = re.sub(
+        r"<!-- benchmarks.examples:(\w+) -->.*?<!-- /benchmarks.examples:\1 -->", "", readme + multi_gpu, flags=re.S
+    )
+    for measured in (r"\d+ s\b", r"0\.9\d{3}", r"\d+ of 256", r"\d+ / 256", r"\d+% "):
+        assert not re.search(measured, outside), measured
+    # rewrite replaces the block and nothing else
+    page = tmp_path / "page.md"
+    page.write_text("a 1\n<!-- benchmarks.examples:x -->\nold 2\n<!-- /benchmarks.examples:x -->\nb 3\n")
+    regen.rewrite(page, "x", "new 4")
+    assert page.read_text() == "a 1\n<!-- benchmarks.examples:x -->\nnew 4\n<!-- /benchmarks.examples:x -->\nb 3\n"
+    with pytest.raises(ValueError, match=r"has no block <!-- benchmarks.examples:y -->"):
+        regen.rewrite(page, "y", "z")

@@ -28,12 +28,20 @@ def kill(groups, which, regularized_only=True):
 
 
 def assert_same_function(model, reference, inputs):
+    """Equal up to rounding: compaction drops exact zeros, but the sums run in another order and length.
+
+    The tolerance is relative to the output's scale: a few units in the last place of the largest output (16 eps
+    of the dtype times max |y|), which is what float32 accumulation over a few layers leaves; an absolute 1e-6
+    failed for outputs of size ~40 (a difference of 3.8e-6: one float32 ulp at 42.5).
+    """
     model.eval()
     reference.eval()
     with torch.no_grad():
         for x in inputs:
-            diff = (model(x) - reference(x)).abs().max().item()
-            assert diff <= 1e-6, diff
+            want = reference(x)
+            diff = (model(x) - want).abs().max().item()
+            tol = 16 * torch.finfo(want.dtype).eps * max(want.abs().max().item(), 1.0)
+            assert diff <= tol, (diff, tol)
 
 
 def compact_and_check(model, x, which, tol=0.0, regularized_only=True):

@@ -304,3 +304,100 @@ def test_affine_skip_for_keeps_dtype():
     skip = affine_skip_for(nn.Linear(3, 2).double())
     assert skip.weight.dtype == torch.float64
     assert skip._lbv_null_space is True
+
+
+def conv_bn_relu(c_in, c_out, stride=1, padding=1):
+    return nn.Sequential(nn.Conv2d(c_in, c_out, 3, stride=stride, padding=padding), nn.BatchNorm2d(c_out), nn.ReLU())
+
+
+class ConvNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Sequential(conv_bn_relu(1, 8), conv_bn_relu(8, 8), conv_bn_relu(8, 16, stride=2))
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+
+def test_a_skip_around_a_conv_block_mixes_channels_at_any_input_size():
+    # no example input: the sizes come from the block's first and last conv layers
+    torch.manual_seed(0)
+    model = ConvNet().eval()
+    x = torch.randn(2, 1, 8, 8)
+    y = model(x)
+    model = add_skip(model, ["features.1", "features.2"])
+    same, strided = model.features[1].skip, model.features[2].skip
+    assert isinstance(same, nn.Conv2d)
+    assert isinstance(strided, nn.Conv2d)
+    assert (same.in_channels, same.out_channels, same.kernel_size, same.stride) == (8, 8, (1, 1), (1, 1))
+    assert (strided.in_channels, strided.out_channels, strided.stride) == (8, 16, (2, 2))
+    assert torch.equal(model(x), y)  # zero at the start
+    with torch.no_grad():
+        same.weight.normal_()
+        strided.weight.normal_()
+    for size in [(8, 8), (9, 11), (5, 4), (1, 1)]:
+        assert tuple(model(torch.randn(2, 1, *size)).shape) == (2, 10)
+
+
+def test_the_own_skip_of_a_conv_block_keeps_its_neighbour_a_neuron_group():
+    import lightning_bv as lbv
+
+    model = add_skip(ConvNet(), ["features.1"])
+    groups = lbv.find_neurons(model, torch.randn(2, 1, 8, 8))
+    assert groups["features.0.0"].consumers == ("features.1.module.0", "features.1.skip")
+    assert not any("features.1.skip" in why for _, why in groups.skipped)
+
+
+@pytest.mark.parametrize(
+    ("layers", "stride", "padding"),
+    [
+        ([nn.Conv1d(3, 4, 3, stride=2, padding=2), nn.ReLU(), nn.Conv1d(4, 5, 5, stride=3, padding=2)], (6,), (1,)),
+        ([nn.Conv1d(3, 4, 1, stride=2), nn.BatchNorm1d(4), nn.Conv1d(4, 5, 3, stride=2, padding=2)], (4,), (2,)),
+        ([nn.Conv1d(3, 5, 3, padding="same"), nn.Sequential(nn.Dropout(), nn.AvgPool1d(3, 2, 1))], (2,), (0,)),
+    ],
+)
+def test_a_conv_chain_skip_matches_the_output_length_at_every_length(layers, stride, padding):
+    block = nn.Sequential(*layers).eval()
+    model = add_skip(nn.Sequential(block), "0")
+    assert (model[0].skip.stride, model[0].skip.padding) == (stride, padding)
+    for length in range(1, 30):
+        x = torch.randn(2, 3, length)
+        assert model[0].skip(x).shape == block(x).shape, length
+
+
+def test_a_linear_sequential_is_sized_by_its_first_and_last_layers():
+    model = nn.Sequential(make_mlp(), nn.ReLU(), nn.Linear(3, 2))
+    model = add_skip(model, "0")
+    assert (model[0].skip.in_features, model[0].skip.out_features) == (6, 3)
+    model = add_skip(nn.Sequential(nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 4))), "0", kind="identity")
+    assert isinstance(model[0].skip, nn.Identity)
+
+
+@pytest.mark.parametrize(
+    ("block", "match"),
+    [
+        (
+            nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2)),
+            r"A skip around '0' cannot match its output size at every input size: its layer MaxPool2d\(kernel_size=2",
+        ),
+        (
+            nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU()),
+            r"its layer Conv2d\(kernel_size=\(3, 3\), stride=\(1, 1\), padding=\(0, 0\)\) changes the size",
+        ),
+        (
+            nn.Sequential(nn.Conv1d(3, 4, 1), nn.Flatten(), nn.Linear(8, 2)),
+            r"Cannot read the input and output sizes of '0' \(Sequential\).*Pass `example_input=`",
+        ),
+        (
+            nn.Sequential(nn.Conv1d(3, 4, 1), nn.Sequential(nn.Linear(2, 2))),
+            r"cannot be sized from its layers: it mixes Linear and Conv layers \(Conv1d, Linear\)",
+        ),
+    ],
+)
+def test_a_block_without_a_matching_skip_is_refused(block, match):
+    model = nn.Sequential(block)
+    before = snapshot(model)
+    with pytest.raises((ValueError, TypeError), match=match):
+        add_skip(model, "0")
+    assert_unchanged(model, before)
