@@ -147,13 +147,15 @@ def test_logs_metrics_and_prox_makes_neurons_dead():
 def test_active_neurons_count_relu_neurons_and_rank_components_apart():
     torch.manual_seed(0)
     module = MLPModule(lr=0.05)
-    lbv.apply_low_rank(module.net, rank=3, targets=["2"])  # 32 ReLU neurons and a 3-component 'net.2:rank' group
+    # 32 ReLU neurons and a 3-component 'net.0:rank' group (net.0 reads the data; a low-rank layer between two groups
+    # would be owned by them and have no group of its own)
+    lbv.apply_low_rank(module.net, rank=3, targets=["0"])
     cb = PathNormRegularization(lam=1e-4)
     t = trainer(callbacks=[cb], max_steps=2)
     t.fit(module)
     scores = lbv.neuron_scores(cb.groups)
     relu = [g.name for g in cb.groups if g.activation != "identity"]
-    assert sorted(scores.keys() - set(relu)) == ["net.2:rank"]
+    assert sorted(scores.keys() - set(relu)) == ["net.0:rank"]
     m = t.callback_metrics
     assert m["bv/active_neurons"].item() == sum(int((scores[n] > 0).sum()) for n in relu) == 32
     assert m["bv/active_fraction"].item() == 1.0
