@@ -366,6 +366,11 @@ def prox_(
         >>> int((net[2].weight != 0).sum())
         0
     """
+    return _step_(groups, tau, q, on_nonfinite, normalize=True)
+
+
+def _step_(groups: Groups, tau: object, q: int, on_nonfinite: str, normalize: bool) -> list[str]:
+    """Divide each neuron's ``w_k, b_k`` by ``||w_k||`` (``normalize``: and multiply ``v_k`` by it), then shrink."""
     q, on_nonfinite, glist, taus = _begin(groups, tau, q, on_nonfinite)
     skipped: list[str] = []
     for g in glist:
@@ -374,9 +379,14 @@ def prox_(
             skipped.append(g.name)
             continue
         a, unit = _unit(w)
-        _rescale_(g, a)
-        # ||v_k|| ||w_k||, computed as the score is, so a neuron with score == tau dies exactly
-        v = group_norms(g, q)[1] if _feeds_itself(g) else torch.where(w > 0, v * w, v)
+        if normalize:
+            _rescale_(g, a)
+            v = torch.where(w > 0, v * w, v)  # ||v_k|| ||w_k||, as the score is: a score equal to tau dies exactly
+        else:
+            for s in g.w_slots + g.b_slots:
+                s.scale_(a)
+        if _feeds_itself(g):  # the rescale moved v too: read it again
+            v = group_norms(g, q)[1]
         _shrink_(g, taus[g.name] * unit, v, q)
     return skipped
 
@@ -453,22 +463,7 @@ def proximal_step_(
     """
     if not isinstance(first, bool):
         raise TypeError(f"`first` must be a bool (True at the first update of a run), got {first!r}")
-    if first:
-        return prox_(groups, tau, q, on_nonfinite=on_nonfinite)
-    q, on_nonfinite, glist, taus = _begin(groups, tau, q, on_nonfinite)
-    skipped: list[str] = []
-    for g in glist:
-        w, v = group_norms(g, q)
-        if _skip_nonfinite(g, w, v, on_nonfinite):
-            skipped.append(g.name)
-            continue
-        a, unit = _unit(w)
-        for s in g.w_slots + g.b_slots:
-            s.scale_(a)
-        if _feeds_itself(g):
-            v = group_norms(g, q)[1]
-        _shrink_(g, taus[g.name] * unit, v, q)
-    return skipped
+    return _step_(groups, tau, q, on_nonfinite, normalize=first)
 
 
 @torch.no_grad()
