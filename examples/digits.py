@@ -14,7 +14,7 @@ then compacts each model with tol=0 (the function is unchanged) and prints test 
 removed), neurons with a score above 1e-3 of the largest (nearly dead ones count as dead here), and parameters. It
 saves a bar plot of accuracy and neurons kept.
 
-    python examples/digits.py [--epochs 30] [--lam 0.03] [--out digits.png] [--smoke]
+    python examples/digits.py [--epochs 30] [--lam 0.003] [--out digits.png] [--smoke]
 """
 
 from __future__ import annotations
@@ -112,7 +112,7 @@ def plot(results: dict[str, dict[str, float]], out: str) -> None:
 def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--epochs", type=int, default=30)
-    p.add_argument("--lam", type=float, default=0.03)
+    p.add_argument("--lam", type=float, default=0.003)
     p.add_argument("--out", default="digits.png")
     p.add_argument("--smoke", action="store_true", help="one epoch of 3 batches per method, to check that it runs")
     args = p.parse_args(argv)

@@ -81,7 +81,7 @@ trainer:
     # then the training: loss + lam * sum_k ||v_k|| ||w_k|| with the proximal step (exact zeros) ...
     - class_path: lightning_bv.callbacks.PathNormRegularization
       init_args:
-        lam: 0.03
+        lam: 0.003
         mode: prox
     # ... what the function-space view says while it trains ...
     - class_path: lightning_bv.callbacks.BVMonitor
@@ -252,7 +252,7 @@ class BVLightningCLI(LightningCLI):
 
 # flag -> (the class name of the callback it sets, the type, what it is); the default run has one of each
 KNOBS: dict[str, tuple[str, type, str]] = {
-    "lam": ("PathNormRegularization", float, "the regularization strength (the default run's: 0.03)"),
+    "lam": ("PathNormRegularization", float, "the regularization strength (the default run's: 0.003)"),
     "mode": ("PathNormRegularization", str, "'prox', 'penalty' or 'weight_decay' (the default run's: prox)"),
     "rank": ("LowRank", int, "the rank of the low-rank layers (the default run's: 16)"),
 }
