@@ -97,3 +97,27 @@ class SaveWeights(pl.Callback):
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         state = {k: v.detach().cpu().clone() for k, v in pl_module.state_dict().items()}
         torch.save(state, f"{self.folder}/rank{trainer.global_rank}.pt")
+
+
+def neurons_killed_after_rescales(net, x, tau: float, seed: int) -> list[dict[str, list[int]]]:
+    """Which neurons ``lightning_bv.prox_(tau)`` kills in copies of ``net``: as is, after ``balance_``, and after a
+    random positive per-neuron rescale (all three keep the function)."""
+    import copy
+
+    import lightning_bv as lbv
+    from lightning_bv.functional.rbv import _rescale_
+
+    died = []
+    for how in ("none", "balance", "random"):
+        m = copy.deepcopy(net)
+        g = lbv.find_neurons(m, x)
+        if how == "balance":
+            lbv.balance_(g)
+        elif how == "random":
+            torch.manual_seed(seed)
+            with torch.no_grad():
+                for grp in g:
+                    _rescale_(grp, torch.rand(grp.num_neurons) * 10 + 0.1)
+        lbv.prox_(g, tau)
+        died.append({n: (s == 0).nonzero().flatten().tolist() for n, s in lbv.neuron_scores(g).items()})
+    return died

@@ -7,14 +7,14 @@ from collections.abc import Sequence
 from typing import Any
 
 import pytorch_lightning as pl
-from torch import Tensor, nn
+from torch import nn
 from typing_extensions import override
 
 from lightning_bv._select import Targets, _check_targets, named_modules, select_names, show
 from lightning_bv.callbacks._base import CallbackBase, configure_model_first, warn_if_spawned
 from lightning_bv.callbacks._first_step import run_first_training_step
 from lightning_bv.neurons import is_null_space
-from lightning_bv.transforms.skip import _add_skip, _check_skip_args, is_skip, needs_trial
+from lightning_bv.transforms.skip import _add_skip, _check_skip_args, is_skip, needs_trial, shape_hooks
 
 
 class SkipConnections(CallbackBase):
@@ -110,16 +110,8 @@ class SkipConnections(CallbackBase):
     ) -> dict[str, tuple[Any, Any]]:
         """The input and output shapes of ``need``, read by forward hooks during the fit's first training step."""
         seen: dict[str, tuple[Any, Any]] = {}
-
-        def record(name: str) -> Any:
-            def hook(_: nn.Module, args: tuple[Any, ...], output: Any) -> None:
-                if name not in seen and len(args) == 1 and isinstance(args[0], Tensor) and isinstance(output, Tensor):
-                    seen[name] = (tuple(args[0].shape), tuple(output.shape))
-
-            return hook
-
         names = ", ".join(show(n) for n in need)
-        handles = [m.register_forward_hook(record(n)) for n, m in need.items()]
+        handles = shape_hooks(need, seen)
         try:
             why = run_first_training_step(trainer, pl_module) if stage == "fit" else f"no training step runs in {stage}"
         finally:

@@ -477,11 +477,11 @@ def _check_same_shape_padding(module: Any, name: str) -> None:
         )
 
 
-def _trial_shapes(model: nn.Module, targets: dict[str, nn.Module], example_input: Any) -> dict[str, tuple[Any, Any]]:
-    """Run ``model(example_input)`` once (eval mode, no grad) and record each target's input and output shapes."""
-    if example_input is None:
-        return {}
-    seen: dict[str, tuple[Any, Any]] = {}
+def shape_hooks(targets: dict[str, nn.Module], seen: dict[str, tuple[Any, Any]]) -> list[Any]:
+    """Forward hooks that record each target's first ``(input shape, output shape)`` in ``seen`` (one tensor each).
+
+    Returns the handles; remove them when done.
+    """
 
     def record(name: str) -> Any:
         def hook(_: nn.Module, args: tuple[Any, ...], output: Any) -> None:
@@ -490,7 +490,15 @@ def _trial_shapes(model: nn.Module, targets: dict[str, nn.Module], example_input
 
         return hook
 
-    handles = [module.register_forward_hook(record(name)) for name, module in targets.items()]
+    return [module.register_forward_hook(record(name)) for name, module in targets.items()]
+
+
+def _trial_shapes(model: nn.Module, targets: dict[str, nn.Module], example_input: Any) -> dict[str, tuple[Any, Any]]:
+    """Run ``model(example_input)`` once (eval mode, no grad) and record each target's input and output shapes."""
+    if example_input is None:
+        return {}
+    seen: dict[str, tuple[Any, Any]] = {}
+    handles = shape_hooks(targets, seen)
     modes = [(m, m.training) for m in model.modules()]
     try:
         model.eval()

@@ -4,11 +4,11 @@ import copy
 
 import pytest
 import torch
+from helpers import neurons_killed_after_rescales
 from sklearn.datasets import load_digits
 from torch import nn
 
 import lightning_bv as lbv
-from lightning_bv.functional.rbv import _rescale_
 
 
 def shallow(seed=0, d=4, k=10, out=2):
@@ -90,19 +90,7 @@ def test_rescaling_before_prox_does_not_change_which_neurons_die():
     groups = lbv.find_neurons(net, x)
     scores = torch.cat(list(lbv.neuron_scores(groups).values())).detach().sort().values
     tau = float(scores[35] + scores[36]) / 2  # between two scores: no neuron sits on the boundary
-    died = []
-    for how in ("none", "balance", "random"):
-        m = copy.deepcopy(net)
-        g = lbv.find_neurons(m, x)
-        if how == "balance":
-            lbv.balance_(g)
-        elif how == "random":
-            torch.manual_seed(1)
-            with torch.no_grad():
-                for grp in g:
-                    _rescale_(grp, torch.rand(grp.num_neurons) * 10 + 0.1)
-        lbv.prox_(g, tau)
-        died.append({n: (s == 0).nonzero().flatten().tolist() for n, s in lbv.neuron_scores(g).items()})
+    died = neurons_killed_after_rescales(net, x, tau, seed=1)
     assert died[0] == died[1] == died[2]
     assert 0 < sum(len(v) for v in died[0].values()) < 72
 

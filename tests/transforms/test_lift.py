@@ -4,6 +4,7 @@ import copy
 
 import pytest
 import torch
+from helpers import neurons_killed_after_rescales
 from torch import nn
 from torch.nn.utils import parametrize
 
@@ -76,19 +77,7 @@ def test_rescaling_before_prox_does_not_change_which_neurons_die_in_lifted_group
     lbv.lift_shared_weights(net, groups)
     scores = torch.cat(list(lbv.neuron_scores(groups).values())).detach().sort().values
     tau = float(scores[13] + scores[14]) / 2  # between two scores: no neuron sits on the boundary
-    died = []
-    for how in ("none", "balance", "random"):
-        m = copy.deepcopy(net)
-        g = lbv.find_neurons(m, x)
-        if how == "balance":
-            lbv.balance_(g)
-        elif how == "random":
-            torch.manual_seed(3)
-            with torch.no_grad():
-                for grp in g:
-                    lbv.functional.rbv._rescale_(grp, torch.rand(grp.num_neurons) * 10 + 0.1)
-        lbv.prox_(g, tau)
-        died.append({n: (s == 0).nonzero().flatten().tolist() for n, s in lbv.neuron_scores(g).items()})
+    died = neurons_killed_after_rescales(net, x, tau, seed=3)
     assert died[0] == died[1] == died[2]
     assert 0 < sum(len(v) for v in died[0].values()) < sum(gr.num_neurons for gr in groups)
 
