@@ -57,6 +57,25 @@ class MLPModule(pl.LightningModule):
         return DataLoader(ds, batch_size=self.hparams.batch_size)
 
 
+class EvalMLP(MLPModule):
+    """``MLPModule`` with a validation and a test split (``val_loss``, ``test_loss``)."""
+
+    def _loss(self, batch):
+        x, y = batch
+        return nn.functional.mse_loss(self(x), y)
+
+    def validation_step(self, batch, batch_idx):
+        self.log("val_loss", self._loss(batch))
+
+    def test_step(self, batch, batch_idx):
+        self.log("test_loss", self._loss(batch))
+
+    def val_dataloader(self):
+        return DataLoader(regression_data(32, self.hparams.d, seed=1), batch_size=16)
+
+    test_dataloader = val_dataloader
+
+
 class ManualMLP(MLPModule):
     """``MLPModule`` with manual optimization (``automatic_optimization = False``)."""
 

@@ -20,7 +20,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 
 @contextlib.contextmanager
@@ -113,9 +113,3 @@ def run_first_training_step(trainer: Any, pl_module: Any, outputs: list[Any] | N
         pl_module.train(was_training)
     return ""
 
-
-def first_sample(obj: Any) -> Any:
-    """A detached copy of the first sample of a batched tensor; anything else unchanged."""
-    if isinstance(obj, Tensor) and obj.dim() > 0:
-        return obj[:1].detach().clone()
-    return obj

@@ -169,6 +169,7 @@ class PathNormRegularization(CallbackBase):
         self._started = False  # whether the first proximal update (prox_, function-preserving) was applied
         self._pending: tuple[float, Any, list[float]] | None = None  # (lam owed, optimizer, lr of each param group)
         self._warned: set[str] = set()
+        self._checked: set[int] = set()  # ids of the optimizers _check_optimizer has looked at
 
     @property
     @override
@@ -302,6 +303,9 @@ class PathNormRegularization(CallbackBase):
     def _check_optimizer(self, optimizer: Any) -> None:
         """Warn once about an optimizer the thresholds do not know, and about weight decay on grouped weights."""
         opt = getattr(optimizer, "optimizer", optimizer)
+        if id(opt) in self._checked:  # once per optimizer, not on every step
+            return
+        self._checked.add(id(opt))
         name = type(opt).__name__
         default = type(self).thresholds is PathNormRegularization.thresholds
         if optimizer_kind(opt) is None and default and name not in self._warned:

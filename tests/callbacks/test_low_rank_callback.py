@@ -3,7 +3,7 @@ import copy
 import pytest
 import pytorch_lightning as pl
 import torch
-from helpers import ManualMLP, MLPModule, SaveWeights, regression_data, trainer
+from helpers import EvalMLP, ManualMLP, MLPModule, SaveWeights, trainer
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -11,23 +11,6 @@ import lightning_bv as lbv
 from lightning_bv.callbacks.low_rank import LowRank
 from lightning_bv.callbacks.path_norm_regularization import PathNormRegularization
 from lightning_bv.callbacks.skip_connections import SkipConnections
-
-
-class EvalMLP(MLPModule):
-    def _loss(self, batch):
-        x, y = batch
-        return nn.functional.mse_loss(self(x), y)
-
-    def validation_step(self, batch, batch_idx):
-        self.log("val_loss", self._loss(batch))
-
-    def test_step(self, batch, batch_idx):
-        self.log("test_loss", self._loss(batch))
-
-    def val_dataloader(self):
-        return DataLoader(regression_data(32, self.hparams.d, seed=1), batch_size=16)
-
-    test_dataloader = val_dataloader
 
 
 def factors(module):

@@ -6,7 +6,7 @@ import pickle
 import pytest
 import pytorch_lightning as pl
 import torch
-from helpers import MLPModule, regression_data, trainer
+from helpers import EvalMLP, MLPModule, regression_data, trainer
 from torch import nn
 
 import lightning_bv as lbv
@@ -132,25 +132,6 @@ def test_resume_after_mid_training_compaction_matches_uninterrupted(tmp_path):
     assert [p.shape for p in resumed.parameters()] == [p.shape for p in full.parameters()]
     for p, q in zip(resumed.parameters(), full.parameters()):
         torch.testing.assert_close(p, q, atol=1e-6, rtol=0)
-
-
-class EvalMLP(MLPModule):
-    """``MLPModule`` with a validation and a test split (``val_loss``, ``test_loss``)."""
-
-    def _loss(self, batch):
-        x, y = batch
-        return nn.functional.mse_loss(self(x), y)
-
-    def validation_step(self, batch, batch_idx):
-        self.log("val_loss", self._loss(batch))
-
-    def test_step(self, batch, batch_idx):
-        self.log("test_loss", self._loss(batch))
-
-    def val_dataloader(self):
-        return torch.utils.data.DataLoader(regression_data(32, self.hparams.d, seed=1), batch_size=16)
-
-    test_dataloader = val_dataloader
 
 
 def shapes(state_dict):
