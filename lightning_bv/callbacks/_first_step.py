@@ -22,6 +22,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from lightning_bv.neurons import _buffers_restored
+
 
 @contextlib.contextmanager
 def preserved_state(module: nn.Module) -> Iterator[None]:
@@ -30,14 +32,8 @@ def preserved_state(module: nn.Module) -> Iterator[None]:
     Buffers are copied back in place (not through ``load_state_dict``, which drops a state_dict's ``_metadata`` and
     breaks modules whose ``_load_from_state_dict`` reads it).
     """
-    saved = [(b, b.detach().clone()) for b in module.buffers()]
-    try:
-        with torch.random.fork_rng(devices=_cuda_devices(module)), torch.enable_grad():
-            yield
-    finally:
-        with torch.no_grad():
-            for b, copy in saved:
-                b.copy_(copy)
+    with _buffers_restored(module), torch.random.fork_rng(devices=_cuda_devices(module)), torch.enable_grad():
+        yield
 
 
 def _cuda_devices(module: nn.Module) -> list[int]:
@@ -112,4 +108,3 @@ def run_first_training_step(trainer: Any, pl_module: Any, outputs: list[Any] | N
     finally:
         pl_module.train(was_training)
     return ""
-
