@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from lightning_bv._select import Targets, select_names
+from lightning_bv._sharding import all_reduce_, full, local
 from lightning_bv._trace import ACTIVATIONS, Op, Ref, Trace
 
 _BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
@@ -117,8 +118,31 @@ class Slot:
         """Per-neuron sum of squares (``how="sq"``) or of absolute values (``"abs"``) of the entries in ``t``.
 
         Half-precision entries are summed in float32 (the result is float32): a row of fp16 entries near 300 is
-        finite, its sum of squares is not.
+        finite, its sum of squares is not. A ``t`` split by rows across ranks (FSDP2) costs one all-reduce.
         """
+        part, group = self.reduce_part(t, how)
+        return all_reduce_([part], group)[0]
+
+    def reduce_part(self, t: Tensor, how: str = "sq") -> tuple[Tensor, Any]:
+        """This rank's share of :meth:`reduce` and the process group to sum it over (None: it is the whole sum).
+
+        For a tensor split by rows (FSDP2), the sums over the local rows; rows held elsewhere count 0 here.
+        """
+        loc = local(t)
+        if loc.split and torch.is_grad_enabled() and t.requires_grad:
+            raise NotImplementedError(
+                f"slot {self!r}: norms of weights split across ranks (FSDP2) are not differentiable here (the "
+                "all-reduce that completes them has no gradient); compute them under torch.no_grad(), or use "
+                "PathNormRegularization's modes, which need no gradient of the norms"
+            )
+        r = self._reduce(loc.tensor, how)
+        if not loc.split or self.dim != 0:
+            return r, loc.group
+        whole = r.new_zeros(loc.rows)
+        whole[loc.start : loc.start + r.shape[0]] = r
+        return whole, loc.group
+
+    def _reduce(self, t: Tensor, how: str) -> Tensor:
         if t.dtype in (torch.float16, torch.bfloat16):
             t = t.float()
         if self.dim == 0:
@@ -181,19 +205,25 @@ class Slot:
 
     @torch.no_grad()
     def scale_(self, s: Tensor) -> None:
-        """Multiply neuron k's entries by ``s[k]`` in place."""
+        """Multiply neuron k's entries by ``s[k]`` in place (on this rank's rows, for a tensor split by rows)."""
         f = self._lowrank()
         if f is None:
             p = self.tensor()
-            p.mul_(self.broadcast(s.to(p.dtype), p))
+            loc = local(p)
+            loc.tensor.mul_(loc.rows_of(self.broadcast(s.to(p.dtype), p)))
             return
         u, v = f
         if self.dim == 0:
-            u.mul_(s.to(u.dtype).unsqueeze(1))
+            lu = local(u)
+            lu.tensor.mul_(lu.rows_of(s.to(u.dtype).unsqueeze(1)))
         else:
-            w = self.tensor()
+            w = torch.empty(self._product_shape(), device="meta")  # the shape, without computing U @ V
             col = self.broadcast(s.to(v.dtype), w).reshape(-1)
-            v.mul_(col.repeat_interleave(self._kernel(w)).unsqueeze(0))
+            local(v).tensor.mul_(col.repeat_interleave(self._kernel(w)).unsqueeze(0))
+
+    def _product_shape(self) -> tuple[int, ...]:
+        plist: Any = self.module.parametrizations["weight"]  # type: ignore[index]
+        return tuple(plist[0].weight_shape)
 
     @torch.no_grad()
     def add_scaled_grad_(self, coef: Tensor, sign: bool = False) -> None:
@@ -209,18 +239,22 @@ class Slot:
             leaf = self.written()  # t itself, or the factor V that a [r, in, *kernel] view of t reads
             if leaf.grad is None:
                 leaf.grad = torch.zeros_like(leaf)
-            grad = leaf.grad.view(t.shape)
+            lt = local(t)
+            grad = local(leaf.grad).tensor.view(lt.tensor.shape)
+            m = lt.rows_of(m)
             if sign:
-                grad.add_(t.sign().mul_(m))
+                grad.add_(lt.tensor.sign().mul_(m))
             else:
-                grad.addcmul_(t, m)
+                grad.addcmul_(lt.tensor, m)
             return
         u, v = f
-        g2 = (t.sign() * m if sign else t * m).reshape(u.shape[0], -1)
-        for p, g in ((u, g2 @ v.T), (v, u.T @ g2)):
+        uf, vf, tf = full(u), full(v), full(t)  # split by rows (FSDP2): gathered, as the product needs them whole
+        g2 = (tf.sign() * m if sign else tf * m).reshape(uf.shape[0], -1)
+        for p, g in ((u, g2 @ vf.T), (v, uf.T @ g2)):
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
-            p.grad.add_(g)
+            lg = local(p.grad)
+            lg.tensor.add_(lg.rows_of(g))
 
     @torch.no_grad()
     def soft_threshold_(self, tau: float | Tensor) -> None:
@@ -229,8 +263,9 @@ class Slot:
             raise NotImplementedError(
                 f"q=1 prox on the low-rank weight of '{self.module_name}' is not supported (use q=2)"
             )
-        p = self.tensor()
-        thr = self.broadcast(tau, p) if isinstance(tau, Tensor) and tau.dim() == 1 else tau
+        loc = local(self.tensor())
+        p = loc.tensor
+        thr = loc.rows_of(self.broadcast(tau, self.tensor())) if isinstance(tau, Tensor) and tau.dim() == 1 else tau
         shrunk = p.sign() * (p.abs() - thr).clamp_min(0)
         if self.dim == 0 or self.index is None:
             p.copy_(shrunk)
@@ -266,7 +301,11 @@ class GroupedSlot(Slot):
         """``t`` as ``[G, out/G, in/G, kernel]``."""
         return t.reshape(self.groups, t.shape[0] // self.groups, t.shape[1], -1)
 
-    def reduce(self, t: Tensor, how: str = "sq") -> Tensor:
+    def reduce_part(self, t: Tensor, how: str = "sq") -> tuple[Tensor, Any]:
+        # a rank's rows are not whole filter groups: gathered (an all-gather instead of an all-reduce)
+        return self._reduce(full(t), how), None
+
+    def _reduce(self, t: Tensor, how: str) -> Tensor:
         if t.dtype in (torch.float16, torch.bfloat16):
             t = t.float()
         e = t * t if how == "sq" else t.abs()
@@ -298,13 +337,15 @@ class GroupedSlot(Slot):
 
     @torch.no_grad()
     def soft_threshold_(self, tau: float | Tensor) -> None:
-        p = self.tensor()
-        thr = self.broadcast(tau, p) if isinstance(tau, Tensor) and tau.dim() == 1 else tau
+        whole = self.tensor()
+        loc = local(whole)
+        p = loc.tensor
+        thr = loc.rows_of(self.broadcast(tau, whole)) if isinstance(tau, Tensor) and tau.dim() == 1 else tau
         shrunk = p.sign() * (p.abs() - thr).clamp_min(0)
         if self.index is None:
             p.copy_(shrunk)
         else:
-            owned = self.broadcast(torch.ones(self.index.shape[0], device=p.device), p, fill=0.0) > 0
+            owned = loc.rows_of(self.broadcast(torch.ones(self.index.shape[0], device=p.device), whole, fill=0.0)) > 0
             p.copy_(torch.where(owned, shrunk, p))
 
 

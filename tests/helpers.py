@@ -140,3 +140,35 @@ def neurons_killed_after_rescales(net, x, tau: float, seed: int) -> list[dict[st
         lbv.prox_(g, tau)
         died.append({n: (s == 0).nonzero().flatten().tolist() for n, s in lbv.neuron_scores(g).items()})
     return died
+
+
+class ShardedMLP(MLPModule):
+    """``MLPModule`` whose ``configure_model`` shards it with FSDP2 under ``ModelParallelStrategy`` (as a user would:
+    ``fully_shard`` on each Linear, then on the net); on one process it is the plain ``MLPModule``."""
+
+    def configure_model(self) -> None:
+        from torch.distributed.fsdp import FSDPModule, fully_shard
+
+        if self.device_mesh is None or isinstance(self.net, FSDPModule):  # one process; or already sharded
+            return
+        mesh = self.device_mesh["data_parallel"]
+        for layer in self.net:
+            if isinstance(layer, nn.Linear):  # a lifted or low-rank layer is one too
+                fully_shard(layer, mesh=mesh)
+        fully_shard(self.net, mesh=mesh)
+
+
+def fsdp2_strategy() -> pl.strategies.Strategy:
+    """Lightning's FSDP2 on 2 CPU processes (the default sizes would put both on the tensor-parallel axis)."""
+    from pytorch_lightning.strategies import ModelParallelStrategy
+
+    return ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1)
+
+
+def gathered_state(module: nn.Module) -> dict[str, torch.Tensor]:
+    """The module's whole state dict on every rank (DTensors gathered: a collective, so every rank calls it)."""
+    out = {}
+    for k, v in module.state_dict().items():
+        v = v.full_tensor() if hasattr(v, "full_tensor") else v
+        out[k] = v.detach().cpu().clone()
+    return out

@@ -39,10 +39,16 @@ def _check_interval(name: str, value: Any, allow_none: bool = False) -> Any:
 
 
 _SHARDED = ("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy", "XLAFSDPStrategy")
+_FSDP2 = "ModelParallelStrategy"  # torch's fully_shard in configure_model: weights are DTensors split by rows
 
 
 def _is_sharded(trainer: Any) -> bool:
     return any(cls.__name__ in _SHARDED for cls in type(trainer.strategy).__mro__)
+
+
+def is_fsdp2(trainer: Any) -> bool:
+    """Whether the strategy is Lightning's ``ModelParallelStrategy`` (FSDP2: ``fully_shard`` in ``configure_model``)."""
+    return any(cls.__name__ == _FSDP2 for cls in type(trainer.strategy).__mro__)
 
 
 def is_parallel(trainer: Any) -> bool:
@@ -54,13 +60,32 @@ def is_parallel(trainer: Any) -> bool:
     return any(cls.__name__ == "ParallelStrategy" for cls in type(trainer.strategy).__mro__)
 
 
-def refuse_sharded(trainer: Any, who: str, why: str) -> None:
-    """Raise for a sharded strategy (FSDP, DeepSpeed, model parallel); ``why`` completes "it ..." in the message."""
-    if _is_sharded(trainer):
-        strategy = type(trainer.strategy).__name__
-        raise ValueError(
-            f"{who} does not support the sharded strategy {strategy}: it {why}. Use strategy='ddp' (or 'ddp_spawn')."
-        )
+def refuse_sharded(trainer: Any, who: str, why: str, fsdp2: bool = True) -> None:
+    """Raise for a sharded strategy the callbacks do not support; ``why`` completes "it ..." in the message.
+
+    FSDP2 (``ModelParallelStrategy``) is supported unless ``fsdp2=False``, when data-parallel only: its tensor
+    parallelism splits weights by columns. FSDP1 (``strategy="fsdp"``), DeepSpeed and XLA's FSDP flatten the
+    parameters into shards, where no neuron's weights can be found.
+    """
+    if not _is_sharded(trainer):
+        return
+    strategy = type(trainer.strategy).__name__
+    if is_fsdp2(trainer) and fsdp2:
+        mesh = getattr(trainer.strategy, "device_mesh", None)
+        names = tuple(getattr(mesh, "mesh_dim_names", None) or ())
+        if mesh is not None and "tensor_parallel" in names and mesh["tensor_parallel"].size() > 1:
+            raise ValueError(
+                f"{who} supports ModelParallelStrategy with data parallelism only (FSDP2's fully_shard), got "
+                f"tensor_parallel_size={mesh['tensor_parallel'].size()}: tensor parallelism splits weights by "
+                "columns. Pass ModelParallelStrategy(data_parallel_size=<devices>, tensor_parallel_size=1)."
+            )
+        return
+    fix = (
+        "Use strategy='ddp'" if is_fsdp2(trainer) else
+        "Use ModelParallelStrategy(data_parallel_size=<devices>, tensor_parallel_size=1) with torch's fully_shard "
+        "in configure_model (FSDP2), or strategy='ddp'"
+    )  # fmt: skip
+    raise ValueError(f"{who} does not support the sharded strategy {strategy}: it {why}. {fix}.")
 
 
 def configure_model_first(trainer: Any, pl_module: Any, who: str) -> None:
@@ -75,6 +100,16 @@ def configure_model_first(trainer: Any, pl_module: Any, who: str) -> None:
     owner = next((c for c in type(pl_module).__mro__ if "configure_model" in vars(c)), None)
     if owner is None or owner.__module__.split(".")[0] in ("pytorch_lightning", "lightning"):
         return  # not overridden
+    if is_fsdp2(trainer):
+        # there configure_model shards the layers (fully_shard), which must come after the surgery: the layers the
+        # surgery changes are those __init__ built
+        if next(pl_module.parameters(), None) is None:
+            raise ValueError(
+                f"{who} changes the model at setup, before ModelParallelStrategy calls your `configure_model`, where "
+                "FSDP2 shards it; this module has no parameters yet. Build the layers in `__init__` and only shard "
+                "them in `configure_model`."
+            )
+        return
     if _is_sharded(trainer):
         rank_zero_warn(
             f"{who} calls your `configure_model` before Lightning does, outside the sharded context of "
@@ -87,7 +122,7 @@ def configure_model_first(trainer: Any, pl_module: Any, who: str) -> None:
 
 def refuse_unsupported(trainer: Any, pl_module: Any, who: str) -> None:
     """Raise at ``setup`` for set-ups the callbacks do not support: manual optimization and sharded strategies."""
-    refuse_sharded(trainer, who, "reads and rescales whole weight rows and columns, which are split across ranks there")
+    refuse_sharded(trainer, who, "reads and rescales whole weight rows and columns, which are flattened into shards there")
     if not getattr(pl_module, "automatic_optimization", True):
         raise ValueError(
             f"{who} does not support manual optimization (automatic_optimization=False): there is no optimizer step "

@@ -19,6 +19,7 @@ from lightning_bv.callbacks._base import (
     _check_example_input,
     _check_interval,
     configure_model_first,
+    is_fsdp2,
     refuse_unsupported,
     warn_if_spawned,
 )
@@ -214,6 +215,14 @@ class PathNormRegularization(CallbackBase):
             example = getattr(pl_module, "example_input_array", None)
         if example is None and not self.lifts:
             return  # found on the first training step
+        if is_fsdp2(trainer) and next(pl_module.parameters(), None) is None:
+            rank_zero_warn(
+                f"{who}: the module has no parameters at setup (its layers are built in `configure_model`, where "
+                "FSDP2 shards them), so the neuron groups are found on the first training step, too late to lift "
+                "weights shared by two groups (a plain chain's hidden matrices stay shared, and its neurons die "
+                "less readily). Build the layers in `__init__` and only shard them in `configure_model`."
+            )
+            return
         callbacks: list[Any] = getattr(trainer, "callbacks", [])
         mine = next((i for i, c in enumerate(callbacks) if c is self), len(callbacks))
         for later in callbacks[mine + 1 :]:  # their surgery first: the groups are those of the final model

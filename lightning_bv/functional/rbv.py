@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from lightning_bv.neurons import NeuronGroup
+from lightning_bv._sharding import all_reduce_, local
+from lightning_bv.neurons import NeuronGroup, Slot
 
 Groups = NeuronGroup | Iterable[NeuronGroup]
 NONFINITE = ("ignore", "raise", "skip")
@@ -155,12 +157,40 @@ def _safe_sqrt(x: Tensor) -> Tensor:
 def group_norms(group: NeuronGroup, q: int = 2) -> tuple[Tensor, Tensor]:
     """``(||w_k||_2, ||v_k||_q)`` for every neuron of ``group`` (differentiable when grad is enabled)."""
     q = _check_q(q)
-    w_sq = sum(s.reduce(s.tensor(), "sq") for s in group.w_slots if s.regularized)
     how = "sq" if q == 2 else "abs"
-    v = sum(s.reduce(s.tensor(), how) for s in group.v_slots if s.regularized)
-    if not isinstance(w_sq, Tensor) or not isinstance(v, Tensor):
-        raise ValueError(f"group '{group.name}' has no regularized input or output weights")
+    w_sq, v = _sums(group, [(group.w_slots, "sq"), (group.v_slots, how)])
     return _safe_sqrt(w_sq), (_safe_sqrt(v) if q == 2 else v)
+
+
+def _sums(group: NeuronGroup, sides: list[tuple[Sequence[Slot], str]]) -> list[Tensor]:
+    """Per-neuron sums over the regularized entries of each side's slots (``how``: "sq" or "abs").
+
+    For weights split by rows across ranks (FSDP2) each rank adds its local sums and one all-reduce completes every
+    side at once.
+    """
+    out: list[Tensor] = []
+    split: dict[Any, list[int]] = {}  # process group -> the sides with local sums over it
+    partial: dict[tuple[Any, int], Tensor] = {}
+    for i, (slots, how) in enumerate(sides):
+        whole: Tensor | None = None
+        for s in slots:
+            if not s.regularized:
+                continue
+            r, pg = s.reduce_part(s.tensor(), how)
+            if pg is None:
+                whole = r if whole is None else whole + r
+            else:
+                key = (pg, i)
+                partial[key] = partial[key] + r if key in partial else r
+                if i not in split.setdefault(pg, []):
+                    split[pg].append(i)
+        if whole is None and not any(k[1] == i for k in partial):
+            raise ValueError(f"group '{group.name}' has no regularized input or output weights")
+        out.append(whole)  # type: ignore[arg-type]
+    for pg, idx in split.items():
+        for i, r in zip(idx, all_reduce_([partial[(pg, i)] for i in idx], pg)):
+            out[i] = r if out[i] is None else out[i] + r
+    return out
 
 
 def neuron_scores(groups: Groups, q: int = 2) -> dict[str, Tensor]:
@@ -495,6 +525,18 @@ def add_rbv_grad_(groups: Groups, lam: float, q: int = 2, *, on_nonfinite: str =
     return skipped
 
 
+def _all_finite(tensors: list[Tensor]) -> list[bool]:
+    """Whether each tensor is all finite: its smallest and largest entry, one sync for all (and one all-reduce of
+    the answers, for tensors split across ranks, so that every rank decides alike)."""
+    locs = [local(t) for t in tensors]
+    bad = torch.stack([
+        (~torch.stack(torch.aminmax(lt.tensor)).isfinite()).any() if lt.tensor.numel() else torch.zeros((), dtype=torch.bool)
+        for lt in locs
+    ]).float()  # fmt: skip
+    group = next((lt.group for lt in locs if lt.split), None)
+    return [not b for b in all_reduce_([bad], group)[0].bool().tolist()]
+
+
 @torch.no_grad()
 def add_weight_decay_grad_(groups: Groups, lam: float, *, on_nonfinite: str = "ignore") -> list[str]:
     """Add the gradient of ``lam/2 * sum_k (||v_k||_2^2 + ||w_k||_2^2)`` over grouped weights only (not biases).
@@ -510,8 +552,7 @@ def add_weight_decay_grad_(groups: Groups, lam: float, *, on_nonfinite: str = "i
     skipped: list[str] = []
     if on_nonfinite != "ignore" and glist:
         tensors = {id(t): t for ss in slots for t in (s.tensor() for s in ss)}  # a shared matrix is read once
-        finite_of = dict(zip(tensors, torch.stack([torch.stack(torch.aminmax(t)) for t in tensors.values()])
-                             .isfinite().all(1).tolist()))  # fmt: skip  # one sync for all groups
+        finite_of = dict(zip(tensors, _all_finite(list(tensors.values()))))
         suspects = [g for g, ss in zip(glist, slots) if not all(finite_of[id(s.tensor())] for s in ss)]
         if suspects:  # a consumer's bad entries may be in another group's columns: decide on the groups' own norms
             skipped = _nonfinite_groups(suspects, [group_norms(g, 2) for g in suspects], on_nonfinite)
