@@ -10,7 +10,8 @@ from pytorch_lightning.utilities import rank_zero_warn
 from torch import Tensor, nn
 from typing_extensions import override
 
-from lightning_bv.callbacks._base import CallbackBase, _check_interval, refuse_sharded
+from lightning_bv._sharding import full
+from lightning_bv.callbacks._base import CallbackBase, _check_interval, is_fsdp2, refuse_sharded
 from lightning_bv.callbacks._discovery import GroupDiscovery, is_own_forward
 from lightning_bv.functional.path_norm import path_norm
 from lightning_bv.functional.rbv import neuron_scores
@@ -116,6 +117,7 @@ class BVMonitor(CallbackBase):
         self._range: tuple[Tensor, Tensor] | None = None
         self._pending_x: Tensor | None = None
         self._busy = False  # set while the monitor runs the model itself
+        self._every_rank = False  # FSDP2: every rank measures
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
@@ -127,12 +129,14 @@ class BVMonitor(CallbackBase):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        refuse_sharded(trainer, type(self).__name__, "reads whole weight matrices, which are split across ranks there")
+        refuse_sharded(trainer, type(self).__name__, "reads whole weight matrices, which are flattened into shards there")
         self._reset()
+        # under FSDP2 every rank measures (norms are all-reduced, forwards all-gather); the loggers write on rank 0
+        self._every_rank = is_fsdp2(trainer)
 
     @override
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, idx: int) -> None:
-        if self.groups is None and trainer.is_global_zero:
+        if self.groups is None and (trainer.is_global_zero or self._every_rank):
             self._discovery.start(pl_module)
             if self.plots and self._range_hook is None and _wandb_loggers(trainer):
                 self._range_hook = pl_module.register_forward_pre_hook(self._track_range)
@@ -185,7 +189,8 @@ class BVMonitor(CallbackBase):
     ) -> None:
         self._finish_discovery(pl_module)
         step = trainer.global_step
-        if not trainer.is_global_zero or self.groups is None or step == 0 or step == self._last_step:
+        mine = trainer.is_global_zero or self._every_rank
+        if not mine or self.groups is None or step == 0 or step == self._last_step:
             return
         scalars, spectra = step % self.every_n_steps == 0, step % self.spectra_every_n_steps == 0
         if scalars or spectra:
@@ -239,7 +244,8 @@ class BVMonitor(CallbackBase):
 
     @torch.no_grad()
     def log_all(self, trainer: pl.Trainer, pl_module: pl.LightningModule, scalars: bool, spectra: bool) -> None:
-        """Compute and log everything due at this step (rank 0 only). Override to log more or less."""
+        """Compute and log everything due at this step (rank 0 only; every rank under FSDP2, whose loggers write on
+        rank 0). Override to log more or less."""
         assert self.groups is not None
         values: dict[str, float] = {}
         scores = {name: s.detach() for name, s in neuron_scores(self.groups, self.q).items()} if scalars else {}
@@ -254,7 +260,7 @@ class BVMonitor(CallbackBase):
                 if not isinstance(module, _LAYERS):
                     continue
                 factors = low_rank_factors(module)
-                sp = spectrum(factors if factors is not None else module.weight)
+                sp = spectrum(tuple(map(full, factors)) if factors is not None else full(module.weight))
                 singular[name] = sp.singular_values
                 values[f"rank/{name}/stable"] = float(sp.stable_rank)
                 values[f"rank/{name}/effective"] = float(sp.effective_rank)
@@ -337,8 +343,8 @@ class BVMonitor(CallbackBase):
             layer = pl_module.get_submodule(g.producer)
             if not isinstance(layer, nn.Linear) or layer.in_features != 1:
                 return None
-            w = layer.weight.detach()[:, 0].double()
-            b = layer.bias.detach().double() if layer.bias is not None else torch.zeros_like(w)
+            w = full(layer.weight.detach())[:, 0].double()
+            b = full(layer.bias.detach()).double() if layer.bias is not None else torch.zeros_like(w)
             live = (scores[g.name] > 0) & (w != 0)
             return (-b[live] / w[live]).cpu()
         return None

@@ -43,6 +43,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
+from lightning_bv._sharding import full
 from lightning_bv._select import Targets, named_modules, select_names, show
 from lightning_bv.neurons import low_rank_factors
 
@@ -137,7 +138,7 @@ def low_rank_live_components(module: nn.Module, tol: float = 0.0) -> int:
     factors = low_rank_factors(module)
     if factors is None:
         raise ValueError(f"{type(module).__name__} is not low-rank; call `apply_low_rank` on it first")
-    U, V = (f.detach() for f in factors)  # noqa: N806
+    U, V = (full(f.detach()) for f in factors)  # noqa: N806  (split across ranks under FSDP2: gathered)
     strength = (U * U).sum(0).sqrt() * (V * V).sum(1).sqrt()
     return int((strength > tol).sum())
 
