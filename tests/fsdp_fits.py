@@ -18,7 +18,13 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from helpers import ShardedMLP, fsdp2_strategy, gathered_state, trainer  # noqa: E402
 from pytorch_lightning.loggers import CSVLogger  # noqa: E402
 
-from lightning_bv.callbacks import BVMonitor, LowRank, PathNormRegularization, SkipConnections  # noqa: E402
+from lightning_bv.callbacks import (  # noqa: E402
+    BVMonitor,
+    LowRank,
+    NeuronPruning,
+    PathNormRegularization,
+    SkipConnections,
+)
 
 STEPS = 12
 LAM = {"sgd": 0.1, "adam": 0.02}  # kills some of the 16 + 16 neurons in 12 steps, not all
@@ -30,9 +36,11 @@ def module(optimizer: str) -> ShardedMLP:
 
 
 def callbacks_of(case: str) -> list[Any]:
-    """A case is ``"<what>-<optimizer>"``; what: prox, prox_nolift, penalty, weight_decay, surgery, monitor."""
+    """A case is ``"<what>-<optimizer>"``; what: prox, prox_nolift, penalty, weight_decay, surgery, monitor, prune."""
     what, optimizer = case.split("-")
     lam = LAM[optimizer]
+    if what.startswith("resume"):  # resumed from a checkpoint: compared with an uninterrupted "prox" fit
+        what = "prox"
     if what == "prox_nolift":
         return [PathNormRegularization(lam=lam, lift_shared=False)]
     if what == "surgery":  # applied at setup, before configure_model shards the model
@@ -41,25 +49,58 @@ def callbacks_of(case: str) -> list[Any]:
             SkipConnections(targets=["net.2"]),
             PathNormRegularization(lam=lam),
         ]
+    if what == "prune":
+        from pytorch_lightning.callbacks import ModelCheckpoint
+
+        return [PathNormRegularization(lam=lam), NeuronPruning(), ModelCheckpoint(save_top_k=0)]
     if what == "monitor":
         return [PathNormRegularization(lam=lam), BVMonitor(every_n_steps=3, spectra_every_n_steps=3)]
     return [PathNormRegularization(lam=lam if what == "prox" else lam / 4, mode=what)]
 
 
-def run(case: str, out: str, fsdp: bool = True) -> dict[str, Any]:
-    """Fit one case; returns (and, under FSDP2, saves per rank) the gathered final state dict."""
+def fit(case: str, out: str, fsdp: bool, steps: int = STEPS, **kw: Any) -> tuple[ShardedMLP, Any]:
     m = module(case.split("-")[1])
     side = "fsdp" if fsdp else "single"
-    kw: dict[str, Any] = {"strategy": fsdp2_strategy(), "devices": 2} if fsdp else {}
+    if fsdp:
+        kw.update(strategy=kw.pop("strategy", None) or fsdp2_strategy(), devices=2)
+    ckpt_path = kw.pop("ckpt_path", None)
+    callbacks = callbacks_of(case) + kw.pop("callbacks", [])
+    kw.setdefault("enable_checkpointing", any(type(c).__name__ == "ModelCheckpoint" for c in callbacks))
     t = trainer(
-        callbacks=callbacks_of(case),
-        max_steps=STEPS,
+        callbacks=callbacks,
+        max_steps=steps,
         use_distributed_sampler=False,  # the module's sampler: same global batches on 1 and 2 processes
         logger=CSVLogger(out, name=f"{case}-{side}", version=0),
         **kw,
     )
-    t.fit(m)
+    t.fit(m, ckpt_path=ckpt_path)
+    return m, t
+
+
+def resume(case: str, out: str) -> tuple[ShardedMLP, Any]:
+    """``resume_full-<opt>`` / ``resume_dist-<opt>``: 6 steps (an epoch), a checkpoint (one file or Lightning's
+    distributed folder), then a new Trainer resumes from it to step 12."""
+    from pytorch_lightning.callbacks import ModelCheckpoint
+    from pytorch_lightning.strategies import ModelParallelStrategy
+
+    dist = case.startswith("resume_dist")
+    strategy = lambda: ModelParallelStrategy(  # noqa: E731
+        data_parallel_size=2, tensor_parallel_size=1, save_distributed_checkpoint=dist
+    )
+    ckpt = ModelCheckpoint(dirpath=f"{out}/{case}-ckpt", save_last=False, save_top_k=-1, every_n_train_steps=6)
+    fit(case, out, True, steps=6, strategy=strategy(), callbacks=[ckpt])
+    return fit(case, out, True, strategy=strategy(), ckpt_path=ckpt.best_model_path or ckpt.last_model_path)
+
+
+def run(case: str, out: str, fsdp: bool = True) -> dict[str, Any]:
+    """Fit one case; returns (and, under FSDP2, saves per rank) the gathered final state dict."""
+    m, t = resume(case, out) if case.startswith("resume") else fit(case, out, fsdp)
     result = {"state": gathered_state(m)}
+    pruning = next((c for c in t.callbacks if isinstance(c, NeuronPruning)), None)
+    if pruning is not None:
+        compacted = pruning.compacted_model if fsdp else m
+        result["compacted"] = None if compacted is None else {k: v.clone() for k, v in compacted.state_dict().items()}
+        result["checkpoint_path"] = pruning.checkpoint_path
     if fsdp:
         torch.save(result, f"{out}/{case}.rank{t.global_rank}.pt")
     return result

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import copy
 import functools
+import itertools
 import math
 import numbers
 import os
 from typing import Any
 
 import pytorch_lightning as pl
+import torch
 from pytorch_lightning.utilities import rank_zero_warn
-from torch import Tensor
+from torch import Tensor, nn
 from typing_extensions import override
 
 from lightning_bv._select import Targets, _check_targets
@@ -18,6 +21,7 @@ from lightning_bv.callbacks._base import (
     CallbackBase,
     _check_example_input,
     _check_interval,
+    is_fsdp2,
     is_parallel,
     refuse_sharded,
 )
@@ -110,6 +114,8 @@ class NeuronPruning(CallbackBase):
         self._hook: Any = None
         self._shrunk_id: int | None = None  # id() of the module this callback compacted (in this process)
         self.checkpoint_path: str | None = None
+        self._skeleton: pl.LightningModule | None = None  # FSDP2: the module's structure, on the meta device
+        self.compacted_model: pl.LightningModule | None = None
 
     @property
     @override
@@ -123,8 +129,15 @@ class NeuronPruning(CallbackBase):
             self._hook_loading(trainer, pl_module)
             return
         who = type(self).__name__
-        refuse_sharded(trainer, who, "cuts whole weight rows and columns, which are split across ranks there")
+        refuse_sharded(trainer, who, "cuts whole weight rows and columns, which are flattened into shards there")
         strategy = type(trainer.strategy).__name__
+        if self.every_n_epochs is not None and is_fsdp2(trainer):
+            raise ValueError(
+                f"{who}(every_n_epochs={self.every_n_epochs}) cannot compact during a fit under FSDP2 "
+                f"({strategy}): fully_shard holds each parameter as a DTensor shard registered with its communication "
+                "buffers and the optimizer, so the layers cannot be resized mid-fit. Use every_n_epochs=None: at the "
+                "end of fit the gathered model is compacted (see NeuronPruning.compacted_model)."
+            )
         if self.every_n_epochs is not None and is_parallel(trainer):
             raise ValueError(
                 f"{who}(every_n_epochs={self.every_n_epochs}) compacts during training only on a single device: under "
@@ -144,6 +157,11 @@ class NeuronPruning(CallbackBase):
             example = getattr(pl_module, "example_input_array", None)
         if self.groups is None and example is not None:
             self.groups = find_neurons(pl_module, example, targets=self.targets, exclude=self.exclude)
+        if is_fsdp2(trainer) and self.at_fit_end:
+            for later in _after(trainer, self):  # their surgery first: the copy has the layers the fit trains
+                if getattr(later, "changes_model_in_setup", False):
+                    later.setup(trainer, pl_module, stage)
+            self._skeleton = _meta_copy(pl_module)  # before configure_model shards it (a sharded module has no copy)
         self._hook_loading(trainer, pl_module)
 
     def _hook_loading(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -185,7 +203,7 @@ class NeuronPruning(CallbackBase):
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
         # they hold the module, or name it in this process: never pickled (ddp_spawn)
-        state.update(groups=None, report=None, _hook=None, _shrunk_id=None)
+        state.update(groups=None, report=None, _hook=None, _shrunk_id=None, _skeleton=None, compacted_model=None)
         return state
 
     # -- compaction ------------------------------------------------------------------------------------------
@@ -252,12 +270,53 @@ class NeuronPruning(CallbackBase):
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not self.at_fit_end:
             return
+        if is_fsdp2(trainer):
+            self._compact_gathered(trainer, pl_module)
+            return
         report = self.compact(trainer, pl_module, merge_lifted=True)
         if report is not None and trainer.is_global_zero:  # pl_module.log is not allowed in on_fit_end
             for logger in trainer.loggers:
                 logger.log_metrics(self._metrics(report), step=trainer.global_step)
         if report is not None:
             self.checkpoint_path = self.save_compacted(trainer)
+
+    def _compact_gathered(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """FSDP2: gather the model onto rank 0's CPU, compact that copy, save it; the sharded module is left as is."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        state = get_model_state_dict(pl_module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if not trainer.is_global_zero or self.groups is None or self._skeleton is None:
+            if trainer.is_global_zero and self.groups is None:
+                self.compact(trainer, pl_module)  # warns that no groups were found
+            return
+        model, self._skeleton = self._skeleton.to_empty(device="cpu"), None
+        resize_to_state_dict_(model, state, grow=True)  # a weight lifted to A B after the copy was made
+        model.load_state_dict(state)
+        fsdp_groups, self.groups = self.groups, _rebound(self.groups, model)
+        try:
+            report = self.compact(_NoOptimizers(trainer), model, merge_lifted=True)
+        finally:
+            self.groups = fsdp_groups  # they describe the sharded module, which keeps training if fit is called again
+        if report is None:
+            return
+        self.compacted_model = model
+        for logger in trainer.loggers:
+            logger.log_metrics(self._metrics(report), step=trainer.global_step)
+        checkpoints: list[Any] = [cb for cb in trainer.checkpoint_callbacks if getattr(cb, "dirpath", None)]
+        if checkpoints:
+            self.checkpoint_path = os.path.join(str(checkpoints[0].dirpath), "compacted.ckpt")
+            os.makedirs(str(checkpoints[0].dirpath), exist_ok=True)
+            torch.save(
+                {
+                    "state_dict": model.state_dict(),
+                    "hyper_parameters": dict(getattr(model, "hparams", {})),
+                    "callbacks": {self.state_key: self.state_dict()},
+                    "epoch": trainer.current_epoch,
+                    "global_step": trainer.global_step,
+                    "pytorch-lightning_version": pl.__version__,
+                },
+                self.checkpoint_path,
+            )
 
     def save_compacted(self, trainer: pl.Trainer) -> str | None:
         """Save the compacted model as the run's last checkpoint; the path, or None without a ``ModelCheckpoint``.
@@ -317,3 +376,43 @@ def _resize_on_load(
     checkpoint = getattr(getattr(trainer, "_checkpoint_connector", None), "_loaded_checkpoint", None)
     if shrunk or not (isinstance(checkpoint, dict) and checkpoint and not _compacted(checkpoint)):
         resize_to_state_dict_(module, state_dict, prefix, grow=shrunk)
+
+
+def _after(trainer: Any, me: Any) -> list[Any]:
+    callbacks: list[Any] = list(getattr(trainer, "callbacks", []))
+    mine = next((i for i, c in enumerate(callbacks) if c is me), len(callbacks))
+    return callbacks[mine + 1 :]
+
+
+def _meta_copy(module: nn.Module) -> Any:
+    """A copy of ``module`` whose parameters and buffers are on the meta device (no memory); ``to_empty`` fills it."""
+    memo: dict[int, Any] = {}
+    for t in itertools.chain(module.parameters(), module.buffers()):
+        meta = torch.empty_like(t, device="meta")
+        memo[id(t)] = nn.Parameter(meta, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else meta
+    return copy.deepcopy(module, memo)
+
+
+def _rebound(groups: Any, root: nn.Module) -> NeuronGroups:
+    """The same groups on another instance of the module (the slots find their layers by name)."""
+    out = []
+    for g in groups:
+        h = copy.copy(g)
+        for side in ("w_slots", "b_slots", "v_slots"):
+            slots = []
+            for s in getattr(g, side):
+                t = copy.copy(s)
+                t.module = root.get_submodule(s.module_name)
+                slots.append(t)
+            setattr(h, side, tuple(slots))
+        out.append(h)
+    return NeuronGroups(out, getattr(groups, "skipped", ()))
+
+
+class _NoOptimizers:
+    """A Trainer seen without optimizers or other callbacks: the gathered copy is compacted alone."""
+
+    def __init__(self, trainer: Any) -> None:
+        self.current_epoch = trainer.current_epoch
+        self.optimizers: list[Any] = []
+        self.callbacks: list[Any] = []
