@@ -11,6 +11,7 @@ import os
 import sys
 from typing import Any
 
+import pytorch_lightning as pl
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -58,13 +59,22 @@ def callbacks_of(case: str) -> list[Any]:
     return [PathNormRegularization(lam=lam if what == "prox" else lam / 4, mode=what)]
 
 
+class StartStep(pl.Callback):
+    """The global step a fit starts at (6 when it resumed from the checkpoint at the end of the first epoch)."""
+
+    step = -1
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.step = trainer.global_step
+
+
 def fit(case: str, out: str, fsdp: bool, steps: int = STEPS, **kw: Any) -> tuple[ShardedMLP, Any]:
     m = module(case.split("-")[1])
     side = "fsdp" if fsdp else "single"
     if fsdp:
         kw.update(strategy=kw.pop("strategy", None) or fsdp2_strategy(), devices=2)
     ckpt_path = kw.pop("ckpt_path", None)
-    callbacks = callbacks_of(case) + kw.pop("callbacks", [])
+    callbacks = [*callbacks_of(case), *kw.pop("callbacks", []), StartStep()]
     kw.setdefault("enable_checkpointing", any(type(c).__name__ == "ModelCheckpoint" for c in callbacks))
     t = trainer(
         callbacks=callbacks,
@@ -95,7 +105,7 @@ def resume(case: str, out: str) -> tuple[ShardedMLP, Any]:
 def run(case: str, out: str, fsdp: bool = True) -> dict[str, Any]:
     """Fit one case; returns (and, under FSDP2, saves per rank) the gathered final state dict."""
     m, t = resume(case, out) if case.startswith("resume") else fit(case, out, fsdp)
-    result = {"state": gathered_state(m)}
+    result = {"state": gathered_state(m), "start_step": next(c for c in t.callbacks if isinstance(c, StartStep)).step}
     pruning = next((c for c in t.callbacks if isinstance(c, NeuronPruning)), None)
     if pruning is not None:
         compacted = pruning.compacted_model if fsdp else m

@@ -293,7 +293,10 @@ def single() -> Any:
 
 
 X4 = torch.randn(2, 4)
-SHARDED = r"does not support the sharded strategy FSDPStrategy: it .*Use strategy='ddp'"
+SHARDED = (
+    r"does not support the sharded strategy FSDPStrategy: it .*Use ModelParallelStrategy\(data_parallel_size=<devices>, "
+    r"tensor_parallel_size=1\) with torch's fully_shard in configure_model \(FSDP2\), or strategy='ddp'"
+)
 # fmt: off
 SETUP_ROWS = [
     ("LowRank-targets-nothing", MLPModule, single, LowRank(rank=1, targets=["nope"]), lbv.TargetsMatchNothingError, MATCH_NOTHING),

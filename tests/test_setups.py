@@ -295,5 +295,5 @@ def test_fsdp_is_refused_by_lightning_on_cpu_and_by_the_callbacks():
         for who in ("PathNormRegularization", "LowRank", "NeuronPruning"):
             with pytest.raises(ValueError, match=rf"{who} does not support the sharded strategy FSDPStrategy"):
                 refuse_sharded(fake, who, "reads whole rows")
-        with pytest.raises(ValueError, match="Use strategy='ddp'"):
+        with pytest.raises(ValueError, match=r"Use ModelParallelStrategy\(.*fully_shard.*\(FSDP2\), or strategy='ddp'"):
             refuse_unsupported(fake, MLPModule(), "PathNormRegularization")

@@ -106,7 +106,7 @@ class LowRank(CallbackBase):
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         who = type(self).__name__
-        refuse_sharded(trainer, who, "parametrizes whole weights as U @ V, which FSDP/DeepSpeed flatten and split")
+        refuse_sharded(trainer, who, "parametrizes whole weights as U @ V, which are flattened into shards there")
         configure_model_first(trainer, pl_module, who)
         modules = named_modules(pl_module)
         names = select_names(_candidate_names(pl_module, modules, self.targets), self.targets, self.exclude)
