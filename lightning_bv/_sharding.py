@@ -39,7 +39,7 @@ class Local:
         return self.group is not None
 
     def rows_of(self, m: Tensor) -> Tensor:
-        """This rank's rows of a multiplier ``m`` broadcastable to the whole tensor (one per row, or broadcast)."""
+        """The rows of this rank in a multiplier ``m`` broadcastable to the whole tensor (one per row, or broadcast)."""
         if not self.split or m.dim() == 0 or m.shape[0] != self.rows:
             return m
         return m.narrow(0, self.start, self.tensor.shape[0])

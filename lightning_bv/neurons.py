@@ -124,7 +124,7 @@ class Slot:
         return all_reduce_([part], group)[0]
 
     def reduce_part(self, t: Tensor, how: str = "sq") -> tuple[Tensor, Any]:
-        """This rank's share of :meth:`reduce` and the process group to sum it over (None: it is the whole sum).
+        """The share of :meth:`reduce` on this rank, and the process group to sum it over (None: it is the whole sum).
 
         For a tensor split by rows (FSDP2), the sums over the local rows; rows held elsewhere count 0 here.
         """

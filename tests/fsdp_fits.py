@@ -36,8 +36,34 @@ def module(optimizer: str) -> ShardedMLP:
     return ShardedMLP(width=16, lr=0.05, n=96, batch_size=16, deterministic_sampler=True, optimizer=optimizer)
 
 
+class CountingRegularization(PathNormRegularization):
+    """Records the all-reduces each proximal update makes (``per_update``)."""
+
+    def __init__(self, **kw: Any) -> None:
+        super().__init__(**kw)
+        self.per_update: list[int] = []
+
+    def _prox(self, *args: Any) -> None:
+        calls = []
+        original = torch.distributed.all_reduce
+
+        def counted(*a: Any, **k: Any) -> Any:
+            calls.append(1)
+            return original(*a, **k)
+
+        torch.distributed.all_reduce = counted
+        try:
+            super()._prox(*args)
+        finally:
+            torch.distributed.all_reduce = original
+        self.per_update.append(len(calls))
+
+
 def callbacks_of(case: str) -> list[Any]:
-    """A case is ``"<what>-<optimizer>"``; what: prox, prox_nolift, penalty, weight_decay, surgery, monitor, prune."""
+    """A case is ``"<what>-<optimizer>"``.
+
+    what: prox, prox_nolift, penalty, weight_decay, surgery, monitor, prune, count.
+    """
     what, optimizer = case.split("-")
     lam = LAM[optimizer]
     if what.startswith("resume"):  # resumed from a checkpoint: compared with an uninterrupted "prox" fit
@@ -54,6 +80,8 @@ def callbacks_of(case: str) -> list[Any]:
         from pytorch_lightning.callbacks import ModelCheckpoint
 
         return [PathNormRegularization(lam=lam), NeuronPruning(), ModelCheckpoint(save_top_k=0)]
+    if what == "count":
+        return [CountingRegularization(lam=lam)]
     if what == "monitor":
         return [PathNormRegularization(lam=lam), BVMonitor(every_n_steps=3, spectra_every_n_steps=3)]
     return [PathNormRegularization(lam=lam if what == "prox" else lam / 4, mode=what)]
@@ -106,6 +134,9 @@ def run(case: str, out: str, fsdp: bool = True) -> dict[str, Any]:
     """Fit one case; returns (and, under FSDP2, saves per rank) the gathered final state dict."""
     m, t = resume(case, out) if case.startswith("resume") else fit(case, out, fsdp)
     result = {"state": gathered_state(m), "start_step": next(c for c in t.callbacks if isinstance(c, StartStep)).step}
+    counting = next((c for c in t.callbacks if isinstance(c, CountingRegularization)), None)
+    if counting is not None:
+        result["all_reduces_per_update"] = counting.per_update
     pruning = next((c for c in t.callbacks if isinstance(c, NeuronPruning)), None)
     if pruning is not None:
         compacted = pruning.compacted_model if fsdp else m

@@ -11,15 +11,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import fsdp_fits
 import pytest
 import torch
-
-import fsdp_fits
 
 pytestmark = pytest.mark.slow
 
 FITS = ["prox-sgd", "prox-adam", "prox_nolift-adam", "penalty-sgd", "weight_decay-adam", "surgery-sgd", "surgery-adam"]
-OTHERS = ["monitor-sgd", "prune-sgd", "resume_full-adam", "resume_dist-adam"]
+OTHERS = ["count-sgd", "count-adam", "monitor-sgd", "prune-sgd", "resume_full-adam", "resume_dist-adam"]
 
 
 @pytest.fixture(scope="module")
@@ -99,5 +98,13 @@ def test_neuron_pruning_compacts_the_gathered_model_on_rank_zero(fsdp_runs: Path
 @pytest.mark.parametrize("case", ["resume_full-adam", "resume_dist-adam"])
 def test_resume_from_an_fsdp2_checkpoint_equals_an_uninterrupted_fit(fsdp_runs: Path, case: str) -> None:
     resumed, straight = load(fsdp_runs, case, 0), load(fsdp_runs, "prox-adam", 0)
-    assert resumed["start_step"] == 6 and straight["start_step"] == 0
+    assert resumed["start_step"] == 6
+    assert straight["start_step"] == 0
     assert_close_to(straight["state"], resumed["state"], 1e-6)
+
+
+@pytest.mark.parametrize(("case", "per_group"), [("count-sgd", 1), ("count-adam", 2)])
+def test_one_all_reduce_per_group_and_update_plus_one_for_adams_thresholds(fsdp_runs: Path, case: str, per_group):
+    counts = load(fsdp_runs, case, 0)["all_reduces_per_update"]
+    assert len(counts) == fsdp_fits.STEPS
+    assert set(counts) == {2 * per_group}  # 2 groups: the norms of w and v in one call; Adam: its D per output tensor

@@ -122,7 +122,8 @@ def configure_model_first(trainer: Any, pl_module: Any, who: str) -> None:
 
 def refuse_unsupported(trainer: Any, pl_module: Any, who: str) -> None:
     """Raise at ``setup`` for set-ups the callbacks do not support: manual optimization and sharded strategies."""
-    refuse_sharded(trainer, who, "reads and rescales whole weight rows and columns, which are flattened into shards there")
+    why = "reads and rescales whole weight rows and columns, which are flattened into shards there"
+    refuse_sharded(trainer, who, why)
     if not getattr(pl_module, "automatic_optimization", True):
         raise ValueError(
             f"{who} does not support manual optimization (automatic_optimization=False): there is no optimizer step "

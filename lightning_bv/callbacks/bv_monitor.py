@@ -129,7 +129,7 @@ class BVMonitor(CallbackBase):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        refuse_sharded(trainer, type(self).__name__, "reads whole weight matrices, which are flattened into shards there")
+        refuse_sharded(trainer, type(self).__name__, "reads whole weight matrices, which are flattened into shards")
         self._reset()
         # under FSDP2 every rank measures (norms are all-reduced, forwards all-gather); the loggers write on rank 0
         self._every_rank = is_fsdp2(trainer)
@@ -244,8 +244,10 @@ class BVMonitor(CallbackBase):
 
     @torch.no_grad()
     def log_all(self, trainer: pl.Trainer, pl_module: pl.LightningModule, scalars: bool, spectra: bool) -> None:
-        """Compute and log everything due at this step (rank 0 only; every rank under FSDP2, whose loggers write on
-        rank 0). Override to log more or less."""
+        """Compute and log everything due at this step. Override to log more or less.
+
+        On rank 0 only; under FSDP2 on every rank (the norms are collective), and rank 0's loggers write.
+        """
         assert self.groups is not None
         values: dict[str, float] = {}
         scores = {name: s.detach() for name, s in neuron_scores(self.groups, self.q).items()} if scalars else {}
@@ -260,7 +262,7 @@ class BVMonitor(CallbackBase):
                 if not isinstance(module, _LAYERS):
                     continue
                 factors = low_rank_factors(module)
-                sp = spectrum(tuple(map(full, factors)) if factors is not None else full(module.weight))
+                sp = spectrum((full(factors[0]), full(factors[1])) if factors is not None else full(module.weight))
                 singular[name] = sp.singular_values
                 values[f"rank/{name}/stable"] = float(sp.stable_rank)
                 values[f"rank/{name}/effective"] = float(sp.effective_rank)

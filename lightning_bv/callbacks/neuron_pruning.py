@@ -39,6 +39,11 @@ class NeuronPruning(CallbackBase):
     * At the end of fit (``on_fit_end``, after the last checkpoint): the trained module is compacted. Under DDP every
       rank compacts its replica of the same weights, so the ranks agree. Logging is not allowed in that hook: the
       counts go to :attr:`report` and, on rank zero, to every logger (``logger.log_metrics``).
+    * Under FSDP2 (``ModelParallelStrategy``), at the end of fit: the weights are gathered onto rank 0's CPU and
+      loaded into a copy of the module taken on the meta device at ``setup`` (before ``configure_model`` shards it),
+      and that copy is compacted: :attr:`compacted_model` on rank 0 (None elsewhere), saved as ``compacted.ckpt``
+      in the first ``ModelCheckpoint``'s folder (:attr:`checkpoint_path`). The sharded module itself keeps its sizes
+      (its dead neurons are exactly zero: the same function); :attr:`report` is set on rank 0.
     * With ``every_n_epochs``, also at the end of every n-th training epoch, on a single device only: the module is
       compacted, the optimizers' state (momentum, Adam moments) is sliced to the kept neurons and the new Parameters
       take the old ones' places in the optimizers, so training goes on where it was. The counts are logged with
@@ -294,7 +299,7 @@ class NeuronPruning(CallbackBase):
         model.load_state_dict(state)
         fsdp_groups, self.groups = self.groups, _rebound(self.groups, model)
         try:
-            report = self.compact(_NoOptimizers(trainer), model, merge_lifted=True)
+            report = self.compact(_NoOptimizers(trainer), model, merge_lifted=True)  # type: ignore[arg-type]
         finally:
             self.groups = fsdp_groups  # they describe the sharded module, which keeps training if fit is called again
         if report is None:

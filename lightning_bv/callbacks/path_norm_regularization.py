@@ -62,10 +62,13 @@ class PathNormRegularization(CallbackBase):
           only (biases and everything else untouched); equal to ``R`` at balance (docs/theory.md section 3).
 
     Set-ups: works with ``pytorch_lightning`` and ``lightning`` Trainers, DDP (every rank applies the same update
-    to its replica), gradient accumulation, mixed precision, several parameter groups, and modules compiled with
-    ``torch.compile`` (the discovery step runs them eagerly; the groups are named under ``<module>._orig_mod``).
-    Refused at ``setup``: manual optimization (call :func:`lightning_bv.proximal_step_` after your
-    ``optimizer.step()`` instead) and sharded strategies (FSDP, DeepSpeed), which split the weight rows this reads.
+    to its replica), FSDP2 (``ModelParallelStrategy`` with ``fully_shard`` in ``configure_model``: every rank
+    updates its rows of each weight; one all-reduce of the neuron norms per group and update, one more per output
+    tensor for adaptive optimizers' thresholds), gradient accumulation, mixed precision, several parameter groups,
+    and modules compiled with ``torch.compile`` (the discovery step runs them eagerly; the groups are named under
+    ``<module>._orig_mod``). Refused at ``setup``: manual optimization (call :func:`lightning_bv.proximal_step_`
+    after your ``optimizer.step()`` instead), tensor parallelism, and FSDP1 / DeepSpeed, which flatten the weights
+    into shards.
 
     Plain chains (``prox`` mode): a weight that is one group's output weights and the next group's input weights (the
     hidden matrix of Linear-ReLU-Linear-ReLU, VGG without BatchNorm, AlexNet) is written as a full-rank product

@@ -526,13 +526,15 @@ def add_rbv_grad_(groups: Groups, lam: float, q: int = 2, *, on_nonfinite: str =
 
 
 def _all_finite(tensors: list[Tensor]) -> list[bool]:
-    """Whether each tensor is all finite: its smallest and largest entry, one sync for all (and one all-reduce of
-    the answers, for tensors split across ranks, so that every rank decides alike)."""
+    """Whether each tensor is all finite, from its smallest and largest entry, with one sync for all.
+
+    For tensors split across ranks, one all-reduce of the answers, so that every rank decides alike.
+    """
     locs = [local(t) for t in tensors]
-    bad = torch.stack([
-        (~torch.stack(torch.aminmax(lt.tensor)).isfinite()).any() if lt.tensor.numel() else torch.zeros((), dtype=torch.bool)
-        for lt in locs
-    ]).float()  # fmt: skip
+    none = torch.zeros((), dtype=torch.bool)
+    bad = torch.stack(
+        [(~torch.stack(torch.aminmax(lt.tensor)).isfinite()).any() if lt.tensor.numel() else none for lt in locs]
+    ).float()
     group = next((lt.group for lt in locs if lt.split), None)
     return [not b for b in all_reduce_([bad], group)[0].bool().tolist()]
 

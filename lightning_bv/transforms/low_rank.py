@@ -43,8 +43,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from lightning_bv._sharding import full
 from lightning_bv._select import Targets, named_modules, select_names, show
+from lightning_bv._sharding import full
 from lightning_bv.neurons import low_rank_factors
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)

@@ -5,6 +5,7 @@ import re
 from pathlib import Path
 
 import pytest
+import torch
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
@@ -66,7 +67,7 @@ def test_existing_project_adds_lightning_bv_in_three_lines():
 
 def test_examples_readme_mentions_every_example():
     readme = (EXAMPLES / "README.md").read_text()
-    for name in ("spline_1d.py", "digits.py", "existing_project.py", "multi_gpu.md"):
+    for name in ("spline_1d.py", "digits.py", "existing_project.py", "multi_gpu.md", "fsdp2.py"):
         assert name in readme
     for config in (EXAMPLES / "configs").glob("*.yaml"):
         assert config.name in readme
@@ -125,3 +126,20 @@ def test_every_measured_number_of_the_example_pages_is_in_a_regenerated_block(tm
     assert page.read_text() == "a 1\n<!-- benchmarks.examples:x -->\nnew 4\n<!-- /benchmarks.examples:x -->\nb 3\n"
     with pytest.raises(ValueError, match=r"has no block <!-- benchmarks.examples:y -->"):
         regen.rewrite(page, "y", "z")
+
+
+@pytest.mark.slow
+def test_fsdp2_example_runs_on_two_cpu_processes(tmp_path):
+    import subprocess
+    import sys
+
+    # ModelParallelStrategy relaunches the script for rank 1: run it as a script
+    done = subprocess.run(
+        [sys.executable, str(EXAMPLES / "fsdp2.py"), "--smoke", "--out", str(tmp_path)],
+        cwd=tmp_path, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "compacted on rank 0: 512 -> " in done.stdout
+    (ckpt,) = tmp_path.glob("lightning_logs/version_*/checkpoints/compacted.ckpt")
+    state = torch.load(ckpt, weights_only=False)["state_dict"]
+    assert state["net.4.weight"].shape[0] == 10
