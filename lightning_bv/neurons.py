@@ -156,6 +156,11 @@ class Slot:
             cols = cols.reshape(cols.shape[0], -1).sum(1)
         return cols if self.index is None else cols[self.index].sum(1)
 
+    def entries_per_neuron(self, shape: torch.Size | tuple[int, ...]) -> Tensor:
+        """How many entries each neuron has in a tensor of ``shape`` (float32 ``[K]``)."""
+        ones = torch.ones((), dtype=torch.float32).expand(tuple(shape))  # no memory: every stride is 0
+        return self._reduce(ones, "abs")
+
     def entries(self, t: Tensor) -> Tensor:
         """The neuron entries as a ``[K, M]`` matrix (differentiable; used by the autograd paths)."""
         if self.dim == 0:

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from lightning_bv._sharding import all_reduce_
 from lightning_bv.neurons import NeuronGroup, Slot
 
 KNOWN = ("SGD", "Adam", "AdamW", "RMSprop", "Adagrad")
@@ -56,8 +57,12 @@ def _step_of(state: dict[str, Any]) -> float:
     return float(step.item() if isinstance(step, Tensor) else step)
 
 
-def _denominator(kind: str, group: dict[str, Any], state: dict[str, Any]) -> Tensor | None:
-    """``D * lr`` per coordinate of an adaptive optimizer (None before it has state for the tensor)."""
+def _denominator(kind: str, group: dict[str, Any], state: dict[str, Any]) -> tuple[Tensor, float, float] | None:
+    """``D * lr`` per coordinate of an adaptive optimizer as ``scale * root + shift`` (None before it has state).
+
+    ``root`` is the one new tensor (a square root of the optimizer's second moments); the rest is two scalars, so
+    a neuron's mean of ``D`` is one reduction of ``root``.
+    """
     eps = float(group.get("eps", 1e-8))
     if kind in ("Adam", "AdamW"):
         sq = state.get("max_exp_avg_sq") if group.get("amsgrad", False) else state.get("exp_avg_sq")
@@ -65,22 +70,23 @@ def _denominator(kind: str, group: dict[str, Any], state: dict[str, Any]) -> Ten
         if sq is None or t <= 0:
             return None
         bc2 = 1.0 - float(group["betas"][1]) ** t
-        return (sq.float() / bc2).sqrt_().add_(eps)
+        return sq.float().sqrt(), 1.0 / math.sqrt(bc2), eps
     if kind == "RMSprop":
         sq = state.get("square_avg")
         if sq is None:
             return None
         sq = sq.float()
         if group.get("centered", False) and state.get("grad_avg") is not None:
-            sq = sq - state["grad_avg"].float().square()
-        return sq.clamp_min(0).sqrt_().add_(eps).mul_(1.0 - float(group.get("momentum", 0.0) or 0.0))
+            sq = (sq - state["grad_avg"].float().square()).clamp_min_(0)
+        keep = 1.0 - float(group.get("momentum", 0.0) or 0.0)
+        return sq.sqrt(), keep, eps * keep
     if kind == "Adagrad":
         total = state.get("sum")
         if total is None:
             return None
         t = _step_of(state)
         decay = 1.0 + max(t - 1.0, 0.0) * float(group.get("lr_decay", 0.0))
-        return total.float().sqrt().add_(eps).mul_(decay)
+        return total.float().sqrt(), decay, eps * decay
     return None
 
 
@@ -160,7 +166,7 @@ def _group_threshold(
     lam: float,
 ) -> float | Tensor:
     scalars: set[float] = set()
-    parts: list[tuple[Slot, Tensor | float]] = []  # (slot, inverse step per coordinate or one for all)
+    parts: list[tuple[Slot, tuple[Tensor, float, float] | float]] = []  # (slot, inverse step: per coordinate or one)
     for s in slots:
         leaf = s.written()
         i = where.get(id(leaf))
@@ -180,18 +186,42 @@ def _group_threshold(
             parts.append((s, inv))
             scalars.add(inv)
         else:
-            parts.append((s, denom.div_(lr)))
+            root, scale, shift = denom
+            parts.append((s, (root, scale / lr, shift / lr)))
             scalars.add(math.nan)  # per coordinate
-    if len(scalars) == 1 and not any(isinstance(d, Tensor) for _, d in parts):
+    if len(scalars) == 1 and not any(isinstance(d, tuple) for _, d in parts):
         inv = next(iter(scalars))
         return 0.0 if math.isinf(inv) else lam / inv
     device = slots[0].written().device
     total = torch.zeros(g.num_neurons, device=device)
     count = torch.zeros(g.num_neurons, device=device)
+    split: dict[Any, Tensor] = {}  # process group -> local sums of the slots split over it (FSDP2): one all-reduce
     for s, d in parts:
         view = s if not s._lowrank() else s.owning_factor()  # Adam's state is on the factor the slot writes
         shape = view.tensor().shape
-        dt = d.reshape(shape) if isinstance(d, Tensor) else torch.full(shape, d, device=device)
-        total += view.reduce(dt.float().nan_to_num(posinf=1e30), "abs")
-        count += view.reduce(torch.ones(shape, device=device), "abs")
+        n = _entries(s, view, shape).to(device)
+        count += n
+        if not isinstance(d, tuple):
+            total += n * d  # one inverse step for every entry (inf: frozen)
+            continue
+        root, scale, shift = d
+        part, pg = view.reduce_part(root.reshape(shape), "abs")  # sum of sqrt(second moments) per neuron
+        total += n * shift
+        if pg is None:
+            total += part * scale
+        else:
+            split[pg] = split[pg] + part * scale if pg in split else part * scale
+    for pg, part in split.items():
+        total += all_reduce_([part], pg)[0]
+    total = torch.nan_to_num(total, nan=math.inf, posinf=math.inf)  # a NaN moment: no step known, no threshold
     return lam * count / total.clamp_min(1e-30)
+
+
+def _entries(s: Slot, view: Slot, shape: torch.Size) -> Tensor:
+    """``view.entries_per_neuron(shape)``, kept on ``s`` while its shape and index stay (they change at compaction)."""
+    key = (tuple(shape), view.factor, id(view.index))
+    cached = getattr(s, "_lbv_entries", None)
+    if cached is None or cached[0] != key:
+        cached = (key, view.entries_per_neuron(shape))
+        s._lbv_entries = cached  # type: ignore[attr-defined]
+    return cached[1]

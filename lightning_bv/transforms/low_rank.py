@@ -41,6 +41,7 @@ from typing import Any, Optional, cast
 
 import torch
 from torch import Tensor, nn
+from torch.nn import functional as F
 from torch.nn.utils import parametrize
 
 from lightning_bv._select import Targets, named_modules, select_names, show
@@ -233,7 +234,7 @@ def _merge_factors_(module: Any) -> None:
     requires_grad = any(f.requires_grad for f in factors)
     bias = module._parameters.pop("bias", None) if "bias" in module._parameters else None
     has_bias = "bias" in module._parameters or bias is not None
-    cls = parametrize.type_before_parametrizations(module)
+    cls = _plain_class(parametrize.type_before_parametrizations(module))
     del module._modules["parametrizations"]
     module.__class__ = cls
     module.weight = nn.Parameter(dense, requires_grad=requires_grad)
@@ -377,19 +378,60 @@ def _layer_rank(name: str, module: Any, rank: Optional[int], energy: Optional[fl
     return int(rank)
 
 
+class _FactoredForward:
+    """Mixed into a low-rank ``nn.Linear``: compute ``(x V^T) U^T`` instead of ``x (U V)^T`` when that is cheaper.
+
+    The parametrization materializes ``W = U V`` at every forward (``out * r * in`` multiply-adds, and twice that in
+    the backward pass) before the layer's own ``N * out * in``; the two thin products cost ``N * r * (in + out)``.
+    For a lifted ``1024 x 1024`` layer at batch 256 that is 2.5x fewer. The result is the same function (rounding
+    aside). Under a ``TorchFunctionMode`` (neuron discovery, ``path_norm``) the layer computes ``W`` as before, so
+    they see one linear op with the effective weight.
+    """
+
+    def forward(self, input: Tensor) -> Tensor:  # noqa: A002
+        factors = low_rank_factors(self)  # type: ignore[arg-type]
+        if factors is not None and not torch._C._is_torch_function_mode_enabled():
+            U, V = factors  # noqa: N806
+            out_f, r, in_f = U.shape[0], V.shape[0], V.shape[1]
+            n = input.numel() // max(in_f, 1)
+            if n * r * (in_f + out_f) < out_f * in_f * (r + n):
+                return F.linear(F.linear(input, V), U, self.bias)  # type: ignore[attr-defined]
+        return super().forward(input)  # type: ignore[misc]
+
+
+_FACTORED: dict[type, type] = {}
+
+
+def _factored_class(cls: type) -> type:
+    """``cls`` (an ``nn.Linear`` class) with :class:`_FactoredForward` mixed in; other classes unchanged."""
+    if not issubclass(cls, nn.Linear) or issubclass(cls, _FactoredForward):
+        return cls
+    if cls not in _FACTORED:
+        _FACTORED[cls] = type(cls.__name__, (_FactoredForward, cls), {"_lbv_plain": cls, "__module__": __name__})
+    return _FACTORED[cls]
+
+
+def _plain_class(cls: type) -> type:
+    """The class :func:`_factored_class` made ``cls`` from (``cls`` itself otherwise)."""
+    return cast(type, getattr(cls, "_lbv_plain", cls))
+
+
 def _apply_ranks(modules: dict[str, nn.Module], ranks: dict[str, int]) -> None:
     """Parametrize ``modules[name]`` with rank ``ranks[name]`` for each name, all or none (undo on failure)."""
-    done: list[tuple[Any, Tensor, list[str]]] = []
+    done: list[tuple[Any, Tensor, list[str], type]] = []
     try:
         for name, r in ranks.items():
             module: Any = modules[name]
-            old, order = module.weight, list(module._parameters)
+            old, order, cls = module.weight, list(module._parameters), type(module)
+            module.__class__ = _factored_class(cls)
+            done.append((module, old, order, cls))
             parametrize.register_parametrization(module, "weight", LowRankWeight(r, tuple(old.shape)), unsafe=True)
-            done.append((module, old, order))
             _plist(module).register_load_state_dict_pre_hook(_resize_factors_on_load)
     except BaseException:
-        for module, old, order in reversed(done):
-            parametrize.remove_parametrizations(module, "weight", leave_parametrized=True)
+        for module, old, order, cls in reversed(done):
+            if parametrize.is_parametrized(module, "weight"):
+                parametrize.remove_parametrizations(module, "weight", leave_parametrized=True)
+            module.__class__ = cls
             module.weight = old
             for key in order:  # restore the parameter order, hence the state_dict key order
                 module._parameters[key] = module._parameters.pop(key)
