@@ -66,7 +66,7 @@ def callbacks_of(case: str) -> list[Any]:
     """
     what, optimizer = case.split("-")
     lam = LAM[optimizer]
-    if what.startswith("resume"):  # resumed from a checkpoint: compared with an uninterrupted "prox" fit
+    if what.startswith(("resume", "refused")):  # resumed from a checkpoint: compared with an uninterrupted "prox" fit
         what = "prox"
     if what == "prox_nolift":
         return [PathNormRegularization(lam=lam, lift_shared=False)]
@@ -130,8 +130,25 @@ def resume(case: str, out: str) -> tuple[ShardedMLP, Any]:
     return fit(case, out, True, strategy=strategy(), ckpt_path=ckpt.best_model_path or ckpt.last_model_path)
 
 
+def refused(case: str, out: str) -> None:
+    """``refused_tp-<opt>``: tensor parallelism (both processes on the tensor-parallel axis) is refused at setup."""
+    from pytorch_lightning.strategies import ModelParallelStrategy
+
+    strategy = ModelParallelStrategy(data_parallel_size=1, tensor_parallel_size=2)
+    try:
+        fit(case, out, True, strategy=strategy)
+        error = ""
+    except ValueError as err:
+        error = str(err)
+    rank = int(os.environ.get("LOCAL_RANK", "0"))
+    torch.save({"error": error}, f"{out}/{case}.rank{rank}.pt")
+
+
 def run(case: str, out: str, fsdp: bool = True) -> dict[str, Any]:
     """Fit one case; returns (and, under FSDP2, saves per rank) the gathered final state dict."""
+    if case.startswith("refused"):
+        refused(case, out)
+        return {}
     m, t = resume(case, out) if case.startswith("resume") else fit(case, out, fsdp)
     result = {"state": gathered_state(m), "start_step": next(c for c in t.callbacks if isinstance(c, StartStep)).step}
     counting = next((c for c in t.callbacks if isinstance(c, CountingRegularization)), None)

@@ -19,6 +19,7 @@ pytestmark = pytest.mark.slow
 
 FITS = ["prox-sgd", "prox-adam", "prox_nolift-adam", "penalty-sgd", "weight_decay-adam", "surgery-sgd", "surgery-adam"]
 OTHERS = ["count-sgd", "count-adam", "monitor-sgd", "prune-sgd", "resume_full-adam", "resume_dist-adam"]
+REFUSED = ["refused_tp-sgd"]  # last: the processes go on after the error
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +28,11 @@ def fsdp_runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     script = Path(fsdp_fits.__file__)
     # ModelParallelStrategy relaunches the script itself for rank 1, so it runs as a script, not inside pytest
     done = subprocess.run(
-        [sys.executable, str(script), str(out), *FITS, *OTHERS], cwd=out, timeout=900, capture_output=True, text=True
+        [sys.executable, str(script), str(out), *FITS, *OTHERS, *REFUSED],
+        cwd=out,
+        timeout=900,
+        capture_output=True,
+        text=True,
     )
     assert done.returncode == 0, done.stderr[-4000:]
     return out
@@ -107,4 +112,11 @@ def test_resume_from_an_fsdp2_checkpoint_equals_an_uninterrupted_fit(fsdp_runs: 
 def test_one_all_reduce_per_group_and_update_plus_one_for_adams_thresholds(fsdp_runs: Path, case: str, per_group):
     counts = load(fsdp_runs, case, 0)["all_reduces_per_update"]
     assert len(counts) == fsdp_fits.STEPS
-    assert set(counts) == {2 * per_group}  # 2 groups: the norms of w and v in one call; Adam: its D per output tensor
+    assert set(counts) == {2 * per_group}  # 2 groups: the norms of w and v in one call; Adam: its mean D in one more
+
+
+def test_tensor_parallelism_is_refused_at_setup_on_every_rank(fsdp_runs: Path) -> None:
+    for rank in (0, 1):
+        error = load(fsdp_runs, "refused_tp-sgd", rank)["error"]
+        assert "supports ModelParallelStrategy with data parallelism only" in error
+        assert "tensor_parallel_size=2" in error

@@ -63,8 +63,8 @@ class PathNormRegularization(CallbackBase):
 
     Set-ups: works with ``pytorch_lightning`` and ``lightning`` Trainers, DDP (every rank applies the same update
     to its replica), FSDP2 (``ModelParallelStrategy`` with ``fully_shard`` in ``configure_model``: every rank
-    updates its rows of each weight; one all-reduce of the neuron norms per group and update, one more per output
-    tensor for adaptive optimizers' thresholds), gradient accumulation, mixed precision, several parameter groups,
+    updates its rows of each weight; one all-reduce of the neuron norms per group and update, one more per group
+    for adaptive optimizers' thresholds), gradient accumulation, mixed precision, several parameter groups,
     and modules compiled with ``torch.compile`` (the discovery step runs them eagerly; the groups are named under
     ``<module>._orig_mod``). Refused at ``setup``: manual optimization (call :func:`lightning_bv.proximal_step_`
     after your ``optimizer.step()`` instead), tensor parallelism, and FSDP1 / DeepSpeed, which flatten the weights
