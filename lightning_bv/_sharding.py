@@ -88,3 +88,15 @@ def all_reduce_(parts: list[Tensor], group: Any) -> list[Tensor]:
 def full(t: Tensor) -> Tensor:
     """The whole tensor on every rank (an all-gather for a DTensor); ``t`` itself otherwise."""
     return t.full_tensor() if is_sharded(t) else t  # type: ignore[attr-defined]
+
+
+def refuse_split(model: Any, who: str) -> None:
+    """Raise before changing ``model`` if its parameters are split across ranks (FSDP2): surgery needs whole layers."""
+    name = next((n for n, p in model.named_parameters() if is_sharded(p)), None)
+    if name is not None:
+        raise ValueError(
+            f"`{who}` needs whole layers, but parameter '{name}' of `model` is a DTensor split across ranks (FSDP2's "
+            "fully_shard). Change the model before sharding it (the lightning_bv callbacks do so in `setup`, before "
+            "`configure_model`), or on a copy loaded from a full state dict (NeuronPruning compacts such a copy at "
+            "the end of a sharded fit)."
+        )

@@ -50,6 +50,7 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.nn.utils import parametrize
 
+from lightning_bv._sharding import refuse_split
 from lightning_bv.functional.rbv import group_norms
 from lightning_bv.neurons import GroupedSlot, NeuronGroup, NeuronGroups, Slot, find_neurons, is_conv1d, low_rank_factors
 from lightning_bv.transforms.lift import is_lifted
@@ -327,6 +328,7 @@ def _check_tol(tol: object) -> float:
 def _check_model(model: object) -> None:
     if not isinstance(model, nn.Module):
         raise TypeError(f"`model` must be an nn.Module, got {type(model).__name__}")
+    refuse_split(model, "compact")
     for name, m in model.named_modules():
         if isinstance(m, DistributedDataParallel):
             where = "`model`" if name == "" else f"module '{name}' of `model`"

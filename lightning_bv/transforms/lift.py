@@ -39,6 +39,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
+from lightning_bv._sharding import refuse_split
 from lightning_bv.functional.rbv import prox_
 from lightning_bv.neurons import NeuronGroup, NeuronGroups, find_neurons, low_rank_factors, own_factors, shared_weights
 from lightning_bv.transforms.low_rank import LowRankWeight, _apply_ranks, _plist
@@ -125,6 +126,7 @@ def lift_shared_weights(
         groups = find_neurons(model, example_input)
     if not isinstance(normalize, bool):
         raise TypeError(f"`normalize` must be a bool, got {normalize!r}")
+    refuse_split(model, "lift_shared_weights")
     glist = list(groups)
     aliases: dict[int, list[str]] = {}
     for name, m in model.named_modules(remove_duplicate=False):

@@ -45,7 +45,7 @@ from torch.nn import functional as F
 from torch.nn.utils import parametrize
 
 from lightning_bv._select import Targets, named_modules, select_names, show
-from lightning_bv._sharding import full
+from lightning_bv._sharding import full, refuse_split
 from lightning_bv.neurons import low_rank_factors
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -334,6 +334,7 @@ def _resize_factors_on_load(plist: Any, state_dict: dict[str, Any], prefix: str,
 def _check_model(model: object) -> None:
     if not isinstance(model, nn.Module):
         raise TypeError(f"`model` must be an nn.Module, got {type(model).__name__}")
+    refuse_split(model, "apply_low_rank")
 
 
 def _check_rank_energy(rank: Any, energy: Any) -> None:
