@@ -509,6 +509,13 @@ _NOT_HOMOGENEOUS = "is not positively homogeneous (s(a t) != a s(t) for a > 0), 
 _WEIGHTED = ("linear", "conv", "addmm")  # ops with parameters: reading a value there makes it live
 
 
+def _parametrized(module: nn.Module) -> bool:
+    """Whether any tensor of ``module`` is parametrized (a dict lookup: ``parametrize.is_parametrized`` on a plain
+    module raises and catches an AttributeError inside ``nn.Module.__getattr__``, a few microseconds per call).
+    """
+    return "parametrizations" in module._modules
+
+
 def _per_channel(lab: Tensor, ch: int) -> Tensor | None:
     """``lab`` reduced to ``[batch, channels]`` when it is broadcast (stride 0) along every other dim, else None.
 
@@ -565,6 +572,8 @@ class _Analysis:
         mod: Any = found
         if self.t.calls.get(name, 0) != 1:
             raise _Skip(f"module '{name}' is called {self.t.calls.get(name, 0)} times (shared weights)")
+        if not _parametrized(mod):
+            return name, mod
         for param in ("weight", "bias"):
             if parametrize.is_parametrized(mod, param) and (param == "bias" or low_rank_factors(mod) is None):
                 raise _Skip(
@@ -857,10 +866,10 @@ def shared_weights(groups: Sequence[NeuronGroup]) -> list[str]:
     return sorted(rows & cols)
 
 
-def _low_rank_groups(root: nn.Module) -> list[NeuronGroup]:
+def _low_rank_groups(modules: Mapping[str, nn.Module]) -> list[NeuronGroup]:
     groups = []
-    for name, mod in root.named_modules():
-        f = low_rank_factors(mod)
+    for name, mod in modules.items():
+        f = low_rank_factors(mod) if _parametrized(mod) else None
         if f is None:
             continue
         r = f[0].shape[1]
@@ -887,7 +896,7 @@ def analyze(trace: Trace, root: nn.Module, targets: Targets = None, exclude: Tar
             groups.append(a.group(op))
         except _Skip as why:
             skipped.append((label, str(why)))
-    rank_groups = _low_rank_groups(root)
+    rank_groups = _low_rank_groups(a.modules)
     if targets is not None or exclude is not None:
         candidates = list(dict.fromkeys(p for g in groups + rank_groups for p in (*g.producers, g.name)))
         picked = set(select_names(candidates, targets, exclude))
