@@ -5,8 +5,9 @@ with a ``TorchFunctionMode``) and then analyse what they saw, on the same model 
 ``resnet18_shaped``: torchvision's resnet18 layout, random init, eval mode) and the same input (batch 1,
 3 x 224 x 224). For scale: the plain forward without and with grad, and the two halves of ``find_neurons`` (the
 recorded forward, ``lightning_bv._trace.Trace``, and the analysis of the trace, ``lightning_bv.neurons.analyze``).
-In every repeat each is called once in turn, so a slower stretch of the shared machine slows all alike; the table
-shows medians and minima, and the ratio of the medians. Goal: ``find_neurons`` <= Torch-Pruning.
+In every repeat each is called once in turn, so a slower stretch of the shared machine slows all alike, and the
+order rotates from repeat to repeat (what runs after a large forward pays for some of its memory being freed or
+reused); the table shows medians and minima, and the ratio of the medians. Goal: ``find_neurons`` <= Torch-Pruning.
 
     python -m benchmarks.find_neurons [--repeats 15] [--threads N]
 """
@@ -76,10 +77,11 @@ def discovery_time(repeats: int) -> dict[str, dict[str, float]]:
     times: dict[str, list[float]] = {k: [] for k in calls}
     for f in calls.values():  # warm-up
         f()
-    for _ in range(repeats):
-        for k, f in calls.items():
+    order = list(calls)
+    for r in range(repeats):
+        for k in order[r % len(order) :] + order[: r % len(order)]:  # each starts a repeat in turn
             t0 = time.perf_counter()
-            f()
+            calls[k]()
             times[k].append(1000 * (time.perf_counter() - t0))
     return {k: {"median": median(v), "min": min(v)} for k, v in times.items()}
 

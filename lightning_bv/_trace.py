@@ -61,6 +61,9 @@ def op_kind(name: str) -> str:
     return _KINDS.get(name, "other")
 
 
+_NESTED = (torch.Tensor, list, tuple)  # what _convert looks into (numbers, None, dtypes... pass as they are)
+
+
 class Ref:
     """Stand-in for a recorded floating-point tensor argument: its value id and shape."""
 
@@ -253,7 +256,7 @@ class Trace(TorchFunctionMode):
             inputs.append(ref.vid)
             return ref
         if isinstance(obj, (list, tuple)):
-            return type(obj)([self._convert(o, inputs) for o in obj])
+            return type(obj)([self._convert(o, inputs) if isinstance(o, _NESTED) else o for o in obj])
         return obj
 
     def __torch_function__(self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None) -> Any:
