@@ -8,9 +8,9 @@ sums times ``(1/window)^p``) evaluated on an all-ones input, where every ReLU is
 The model's own ``forward`` runs under :func:`torch.func.functional_call` on float64 copies of its buffers. A
 :class:`~torch.overrides.TorchFunctionMode` follows which tensors carry activations and rewrites the ops that touch
 them; computations on parameters alone (parametrizations, low-rank products) run unchanged on float64 copies of the
-parameters, so the norm is that of the effective weights. The weight of a Linear/Conv layer read directly is not
-copied whole: its ``|W|^p`` is built in float64 one block of rows at a time, each block used while it is in cache (a
-fresh float64 copy of a large weight costs more than the product itself, mostly in page faults). Any op on
+parameters, so the norm is that of the effective weights. On CPU the weight of a Linear/Conv layer read directly is
+not copied whole: its ``|W|^p`` is built in float64 one block of rows at a time, each block used while it is in cache
+(a fresh float64 copy of a large weight costs more than the product itself, mostly in page faults). Any op on
 activations outside an allow-list is refused, naming the op and the module. Forward hooks mark the module each op
 runs in and switch BatchNorm modules to their eval branch for the length of their own call (restored on exit, also
 on errors), so training mode needs no special care.
@@ -35,7 +35,9 @@ from lightning_bv._trace import force_eager
 __all__ = ["path_norm"]
 
 _T = torch.Tensor
-_BLOCK = 1 << 16  # entries of a weight's |W|^p built at once in float64 (512 KiB: it stays in cache while it is read)
+# entries of a CPU weight's |W|^p built at once in float64: 256 KiB stay in cache while they are read, and torch runs
+# an op on at most 32768 entries in one thread (no wait for a second thread that another process may be holding)
+_BLOCK = 1 << 15
 # Ops on activations, by how they are rewritten. Membership is by function identity: an allow-list.
 _GROUPS: dict[str, tuple[Callable, ...]] = {
     # entries are moved, copied, selected or summed with weight 1: run unchanged
@@ -208,13 +210,25 @@ class _PathNormMode(TorchFunctionMode):
     def row_blocks(self, w: Tensor) -> Iterator[Tensor]:
         """``|w|^p`` in float64, one block of rows (about ``_BLOCK`` entries) after the other.
 
-        Each block is read while it is in cache and freed before the next is made; a tensor subclass (a DTensor) comes
-        whole.
+        Each block is to be used before the next is asked for. On CPU, without autograd, every block is written into
+        one reused buffer: a fresh allocation of this size can cost page faults each time (glibc gives it back to the
+        system when it is freed). Off CPU (one kernel per block would cost more than the copy) and for a tensor
+        subclass such as a DTensor the whole comes at once.
         """
         w = self._copies.get(id(w), w)  # the copy a computation on parameters made (it may have changed it in place)
-        rows = max(1, _BLOCK // max(1, w[0].numel())) if type(w) in (Tensor, nn.Parameter) else w.shape[0]
+        if type(w) not in (Tensor, nn.Parameter) or w.device.type != "cpu" or w.numel() <= _BLOCK:
+            yield _abs_pow_f64(w, self.p)
+            return
+        rows = max(1, _BLOCK // max(1, w[0].numel()))
+        if torch.is_grad_enabled():  # backward may keep every block (also of a frozen weight): no buffer to reuse
+            for block in w.split(rows):
+                yield _abs_pow_f64(block, self.p)
+            return
+        buffer = torch.empty((rows, *w.shape[1:]), dtype=torch.float64, device=w.device)
         for block in w.split(rows):
-            yield _abs_pow_f64(block, self.p)
+            out = buffer if block.shape[0] == rows else buffer[: block.shape[0]]
+            out.copy_(block)
+            yield out.abs_() if self.p == 1 else out.square_() if self.p == 2 else out.abs_().pow_(self.p)
 
     def mark_tokens(self, obj: Any) -> None:
         for t in _tensors(obj):

@@ -470,13 +470,18 @@ def test_weights_read_in_blocks_of_rows_give_the_same_norm_and_gradient(monkeypa
     x = torch.randn(2, 2, 4, 4)
     whole = path_norm(net, x, p=p)  # every weight fits in one block
     grads = torch.autograd.grad(whole, list(net.parameters()))
-    monkeypatch.setattr(path_norm_module, "_BLOCK", 20)  # blocks of 1 conv row, 1 row of l1, 2 + 2 + 2 + 1 rows of l2
+    monkeypatch.setattr(path_norm_module, "_BLOCK", 20)  # blocks of 1 conv row, 1 row of l1, 2 + 1 rows of l2
     blocked = path_norm(net, x, p=p)
     assert blocked.item() == pytest.approx(whole.item(), rel=1e-12)
     layers = [conv_layer(conv, (2, 4, 4)), linear_layer(l1), linear_layer(l2)]
     assert blocked.item() == pytest.approx(chain_norm(layers, p), rel=1e-12)
     for g, h in zip(grads, torch.autograd.grad(blocked, list(net.parameters())), strict=True):
         torch.testing.assert_close(h, g, rtol=1e-6, atol=0)
+    with torch.no_grad():  # the blocks share one buffer
+        assert path_norm(net, x, p=p).item() == pytest.approx(whole.item(), rel=1e-12)
+    l2.requires_grad_(False)  # a frozen weight's blocks are still kept for the gradient of the layers before it
+    frozen = torch.autograd.grad(path_norm(net, x, p=p), [conv.weight, l1.weight])
+    torch.testing.assert_close(frozen, (grads[0], grads[2]), rtol=1e-6, atol=0)
 
 
 def test_blocks_of_an_unbatched_conv_are_joined_on_its_channels(monkeypatch):
