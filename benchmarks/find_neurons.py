@@ -8,8 +8,9 @@ recorded forward, ``lightning_bv._trace.Trace``, and the analysis of the trace, 
 In every repeat each is called once in turn, so a slower stretch of the shared machine slows all alike, and the
 order rotates from repeat to repeat (what runs after a large forward pays for some of its memory being freed or
 reused); the table shows medians and minima, and the ratio of the medians. Goal: ``find_neurons`` <= Torch-Pruning.
+At 224 x 224 the forward is most of both; ``--size 32`` makes it small, so that the table shows what each adds to it.
 
-    python -m benchmarks.find_neurons [--repeats 15] [--threads N]
+    python -m benchmarks.find_neurons [--repeats 15] [--threads N] [--size 224]
 """
 
 from __future__ import annotations
@@ -51,11 +52,11 @@ def traced(model: nn.Module, x: torch.Tensor) -> Trace:
     return trace
 
 
-def discovery_time(repeats: int) -> dict[str, dict[str, float]]:
+def discovery_time(repeats: int, size: int = 224) -> dict[str, dict[str, float]]:
     """Median and minimum ms of each call on the resnet18-shaped model, over ``repeats`` interleaved repeats."""
     torch.manual_seed(0)
     model = resnet18_shaped().eval()
-    x = torch.randn(1, 3, 224, 224)
+    x = torch.randn(1, 3, size, size)
     trace = traced(model, x)
 
     def forward(grad: bool) -> Callable[[], Any]:
@@ -90,10 +91,11 @@ def main(argv: list[str] | None = None) -> str:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--repeats", type=int, default=15)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--size", type=int, default=224, help="input height and width")
     args = p.parse_args(argv)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    times = discovery_time(args.repeats)
+    times = discovery_time(args.repeats, args.size)
     tp_ms = times.get("tp_build_dependency", {}).get("median")
     rows = []
     for k, v in times.items():
@@ -103,14 +105,15 @@ def main(argv: list[str] | None = None) -> str:
     table = markdown_table(["what", "median ms", "min ms", "median / Torch-Pruning"], rows)
     goal = "-" if not tp_ms else "met" if times["find_neurons"]["median"] <= tp_ms else "missed"
     table += (
-        f"\n\nresnet18-shaped model, batch 1, 224 x 224; {args.repeats} interleaved repeats; "
+        f"\n\nresnet18-shaped model, batch 1, {args.size} x {args.size}; {args.repeats} interleaved repeats; "
         f"{torch.get_num_threads()} torch threads; 1-minute load average at the end: {load:.1f} on "
         f"{os.cpu_count()} cores. Goal find_neurons <= Torch-Pruning: {goal}."
     )
     if tp is None:
         table += "\n\nTorch-Pruning is not installed: no ratio."
     print(table)
-    save("find_neurons", table, {"repeats": args.repeats, "load_average": load, "discovery_ms": times})
+    name = "find_neurons" if args.size == 224 else f"find_neurons_{args.size}"
+    save(name, table, {"repeats": args.repeats, "size": args.size, "load_average": load, "discovery_ms": times})
     return table
 
 
