@@ -17,9 +17,11 @@ steps (one ``bv/*`` logging step and one BVMonitor event per block; its spectra,
 ``benchmarks/monitor_overhead.py``). The median over repeats is reported. The callbacks run with ``lam=1e-4`` and
 their defaults (the prox every step, the gradient modes every 8 steps), and each mode also with the other of 1 and 8.
 ``path_norm``: ``lightning_bv.path_norm(model, x, p)`` for p=1 and p=2 (float64, one forward pass each) over one
-float32 forward pass of the same batch, no grad, medians.
+float32 forward pass of the same batch, no grad, medians over repeats in which the three run in turn (so a slower
+stretch of the shared machine slows all three alike).
 
     python -m benchmarks.cost [--quick] [--repeats 3] [--blocks 2] [--models MLP CNN transformer]
+    python -m benchmarks.cost --only path_norm   # the path_norm table alone, written to results/path_norm.md
 """
 
 from __future__ import annotations
@@ -112,22 +114,42 @@ def path_norm_cost(model: str, repeats: int) -> dict[str, Any]:
     x = Batches(MODELS[model][1], 1).x[0]
 
     def ms(f: Callable[[], Any]) -> float:
+        t0 = time.perf_counter()
         f()
-        times = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            f()
-            times.append(1e3 * (time.perf_counter() - t0))
-        return statistics.median(times)
+        return 1e3 * (time.perf_counter() - t0)
 
-    out: dict[str, Any] = {"forward_ms": ms(lambda: net(x))}
+    calls: dict[str, Callable[[], Any]] = {"forward_ms": lambda: net(x)}
+    out: dict[str, Any] = {}
     try:
         for p in (1, 2):
-            out[f"path_norm_l{p}_ms"] = ms(lambda p=p: path_norm(net, x[:1], p))
-            out[f"path_norm_l{p}"] = float(path_norm(net, x[:1], p))
+            out[f"path_norm_l{p}"] = float(path_norm(net, x[:1], p))  # also the warm-up
+            calls[f"path_norm_l{p}_ms"] = functools.partial(path_norm, net, x[:1], p)
     except Exception as e:  # a model path_norm does not support: say why
         out["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
-    return out
+    net(x)
+    times: dict[str, list[float]] = {k: [] for k in calls}
+    for _ in range(repeats):
+        for k, f in calls.items():
+            times[k].append(ms(f))
+    return {**out, **{k: statistics.median(v) for k, v in times.items()}}
+
+
+def path_norm_table(models: list[str], repeats: int) -> tuple[str, dict[str, dict[str, Any]]]:
+    """The table of path_norm's time over one forward, per model, and the measurements."""
+    norms = {m: path_norm_cost(m, repeats) for m in models}
+    norm_rows = []
+    for m, r in norms.items():
+        if "error" in r:
+            norm_rows.append([m, r["forward_ms"], "-", "-", "-", r["error"]])
+        else:
+            ratio = (r["path_norm_l1_ms"] + r["path_norm_l2_ms"]) / 2 / r["forward_ms"]
+            norm_rows.append(
+                [m, r["forward_ms"], r["path_norm_l1_ms"], r["path_norm_l2_ms"], ratio,
+                 f"l1 {r['path_norm_l1']:.3g}, l2 {r['path_norm_l2']:.3g}"]
+            )  # fmt: skip
+    norm_header = ["model", "forward ms (batch)", "path_norm p=1 ms", "path_norm p=2 ms", "path_norm / forward",
+                   "values at init"]  # fmt: skip
+    return markdown_table(norm_header, norm_rows), norms
 
 
 def main(argv: list[str] | None = None) -> str:
@@ -137,8 +159,16 @@ def main(argv: list[str] | None = None) -> str:
     p.add_argument("--models", nargs="*", default=list(MODELS), choices=list(MODELS))
     p.add_argument("--configs", nargs="*", default=list(CONFIGS), choices=list(CONFIGS))
     p.add_argument("--quick", action="store_true", help="one repeat of one block each")
+    p.add_argument("--only", choices=["path_norm"], help="only this part (written to results/<part>.md)")
     args = p.parse_args(argv)
     quiet_lightning()
+    norm_repeats = 3 if args.quick else 10
+    if args.only == "path_norm":
+        table, norms = path_norm_table(args.models, norm_repeats)
+        table += f"\n\n{norm_repeats} repeats; {torch.get_num_threads()} torch threads."
+        print(table)
+        save("path_norm", table, {"repeats": norm_repeats, "path_norm": norms})
+        return table
     repeats, blocks = (1, 1) if args.quick else (args.repeats, args.blocks)
     runs: dict[str, dict[str, list[Alternating]]] = {m: {c: [] for c in args.configs} for m in args.models}
     for _ in range(repeats):
@@ -157,20 +187,8 @@ def main(argv: list[str] | None = None) -> str:
         "goal <= 1.05",
     ]
     table = markdown_table(header, rows)
-    norms = {m: path_norm_cost(m, 3 if args.quick else 10) for m in args.models}
-    norm_rows = []
-    for m, r in norms.items():
-        if "error" in r:
-            norm_rows.append([m, r["forward_ms"], "-", "-", "-", r["error"]])
-        else:
-            ratio = (r["path_norm_l1_ms"] + r["path_norm_l2_ms"]) / 2 / r["forward_ms"]
-            norm_rows.append(
-                [m, r["forward_ms"], r["path_norm_l1_ms"], r["path_norm_l2_ms"], ratio,
-                 f"l1 {r['path_norm_l1']:.3g}, l2 {r['path_norm_l2']:.3g}"]
-            )  # fmt: skip
-    norm_header = ["model", "forward ms (batch)", "path_norm p=1 ms", "path_norm p=2 ms", "path_norm / forward",
-                   "values at init"]  # fmt: skip
-    table += "\n\n" + markdown_table(norm_header, norm_rows)
+    norm_table, norms = path_norm_table(args.models, norm_repeats)
+    table += "\n\n" + norm_table
     table += (
         f"\n\n{repeats} repeat(s); each fit {blocks} block(s) with the callback and {blocks} without; "
         f"{torch.get_num_threads()} torch threads."

@@ -8,7 +8,7 @@ through its ``DependencyGraph``: its prunable groups, the layers they touch, and
 of the channels of every group (``MagnitudePruner``, ``pruning_ratio=0.5``, the last layer ignored; Torch-Pruning
 changes the function, compaction does not). Then the time of ``find_neurons`` on a resnet18-shaped model
 (batch 1, 224 x 224) against Torch-Pruning's ``DependencyGraph().build_dependency`` on the same model and input:
-interleaved, median over repeats, with the plain forward for scale.
+interleaved, median over repeats, with the plain forward for scale (``benchmarks.find_neurons``, which also runs alone).
 
     python -m benchmarks.zoo [--repeats 7]
 """
@@ -28,10 +28,11 @@ import torch
 from torch import nn
 
 from benchmarks._common import markdown_table, median, save
+from benchmarks.find_neurons import discovery_time
 from lightning_bv import compact, find_neurons, neuron_scores
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from zoo import ZOO, Case, call, resnet18_shaped  # noqa: E402
+from zoo import ZOO, Case, call  # noqa: E402
 
 try:
     import torch_pruning as tp
@@ -137,27 +138,6 @@ def torch_pruning(case: Case) -> dict[str, Any]:
         except Exception as err:  # report and go on
             out["tp"] = f"failed: {type(err).__name__}: {str(err)[:60]}"
     return out
-
-
-def discovery_time(repeats: int) -> dict[str, dict[str, float]]:
-    torch.manual_seed(0)
-    model = resnet18_shaped().eval()
-    x = torch.randn(1, 3, 224, 224)
-    out: dict[str, list[float]] = {"find_neurons": [], "forward": [], "tp_build_dependency": []}
-
-    def timed(key: str, fn: Any) -> None:
-        t0 = time.perf_counter()
-        fn()
-        out[key].append(1000 * (time.perf_counter() - t0))
-
-    find_neurons(model, x)  # warm-up
-    for _ in range(repeats):
-        timed("find_neurons", lambda: find_neurons(model, x))
-        with torch.no_grad():
-            timed("forward", lambda: model(x))
-        if tp is not None:
-            timed("tp_build_dependency", lambda: tp.DependencyGraph().build_dependency(model, example_inputs=x))
-    return {k: {"median": median(v), "min": min(v)} for k, v in out.items() if v}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -10,6 +10,7 @@ tensors become integer value ids, and in-place ops give their result a fresh id.
 from __future__ import annotations
 
 import sys
+import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -18,7 +19,6 @@ from typing import Any
 import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
-from torch.utils.weak import WeakIdKeyDictionary
 
 ACTIVATIONS = {"relu": "relu", "relu_": "relu", "leaky_relu": "leaky_relu", "leaky_relu_": "leaky_relu"}
 ACTIVATIONS.update({"prelu": "prelu"})
@@ -46,16 +46,22 @@ LAYOUT = {
 REDUCE = {"mean", "sum", "amax"}
 
 
+_KINDS: dict[str, str] = {}
+for _kind, _names in (
+    ("act", ACTIVATIONS), ("nonhom", NON_HOMOGENEOUS), ("linear", LINEAR), ("addmm", {"addmm"}), ("conv", CONV),
+    ("norm", NORM), ("add", ADD), ("cat", CAT),
+    ("dropout", DROPOUT), ("pool", POOL), ("layout", LAYOUT), ("reduce", REDUCE),
+):  # fmt: skip
+    for _name in _names:
+        _KINDS.setdefault(_name, _kind)  # the first kind that lists a name wins
+
+
 def op_kind(name: str) -> str:
     """Classify a torch function by its ``__name__``."""
-    for kind, names in (
-        ("act", ACTIVATIONS), ("nonhom", NON_HOMOGENEOUS), ("linear", LINEAR), ("addmm", {"addmm"}), ("conv", CONV),
-        ("norm", NORM), ("add", ADD), ("cat", CAT),
-        ("dropout", DROPOUT), ("pool", POOL), ("layout", LAYOUT), ("reduce", REDUCE),
-    ):  # fmt: skip
-        if name in names:
-            return kind
-    return "other"
+    return _KINDS.get(name, "other")
+
+
+_NESTED = (torch.Tensor, list, tuple)  # what _convert looks into (numbers, None, dtypes... pass as they are)
 
 
 class Ref:
@@ -155,7 +161,9 @@ class Trace(TorchFunctionMode):
         self.root = root
         self.ops: list[Op] = []
         self.values: list[Value] = []
-        self._ids: WeakIdKeyDictionary = WeakIdKeyDictionary()
+        # id(tensor) -> (weak reference to it, value id); an entry whose reference is dead belongs to a freed tensor
+        # whose id may have been reused (a WeakIdKeyDictionary does the same, at several times the cost per lookup)
+        self._ids: dict[int, tuple[weakref.ref, int]] = {}
         self._stack: list[str] = []
         self.calls: dict[str, int] = {}
         self._handles: list[Any] = []
@@ -201,7 +209,7 @@ class Trace(TorchFunctionMode):
         for h in self._handles:
             h.remove()
         self._handles.clear()
-        self._ids = WeakIdKeyDictionary()  # drop references to tensors
+        self._ids = {}
 
     def mark_outputs(self, obj: Any) -> None:
         """Record the tensors in ``obj`` (a tensor, or lists, tuples and dicts of them) as the traced call's results.
@@ -214,7 +222,7 @@ class Trace(TorchFunctionMode):
         while stack:
             item = stack.pop()
             if isinstance(item, torch.Tensor):
-                vid = self._ids.get(item)
+                vid = self._known(item)
                 if vid is not None:
                     outs.add(vid)
             elif isinstance(item, (list, tuple)):
@@ -224,8 +232,12 @@ class Trace(TorchFunctionMode):
         self.outputs = outs
 
     # -- recording ------------------------------------------------------------------------------------------
+    def _known(self, t: torch.Tensor) -> int | None:
+        entry = self._ids.get(id(t))
+        return entry[1] if entry is not None and entry[0]() is t else None
+
     def _vid(self, t: torch.Tensor) -> int:
-        vid = self._ids.get(t)
+        vid = self._known(t)
         if vid is None:
             vid = self._new_value(t, None)
         return vid
@@ -233,7 +245,7 @@ class Trace(TorchFunctionMode):
     def _new_value(self, t: torch.Tensor, producer: int | None) -> int:
         vid = len(self.values)
         self.values.append(Value(vid, t.shape, producer, floating=t.is_floating_point()))
-        self._ids[t] = vid
+        self._ids[id(t)] = (weakref.ref(t), vid)
         return vid
 
     def _convert(self, obj: Any, inputs: list[int]) -> Any:
@@ -244,7 +256,7 @@ class Trace(TorchFunctionMode):
             inputs.append(ref.vid)
             return ref
         if isinstance(obj, (list, tuple)):
-            return type(obj)(self._convert(o, inputs) for o in obj)
+            return type(obj)([self._convert(o, inputs) if isinstance(o, _NESTED) else o for o in obj])
         return obj
 
     def __torch_function__(self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None) -> Any:

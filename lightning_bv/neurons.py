@@ -555,6 +555,15 @@ _NOT_HOMOGENEOUS = "is not positively homogeneous (s(a t) != a s(t) for a > 0), 
 _WEIGHTED = ("linear", "conv", "addmm")  # ops with parameters: reading a value there makes it live
 
 
+def _parametrized(module: nn.Module) -> bool:
+    """Whether any tensor of ``module`` is parametrized.
+
+    A dict lookup: ``parametrize.is_parametrized`` on a plain module raises and catches an AttributeError inside
+    ``nn.Module.__getattr__``, a few microseconds per call.
+    """
+    return "parametrizations" in module._modules
+
+
 def _per_channel(lab: Tensor, ch: int) -> Tensor | None:
     """``lab`` reduced to ``[batch, channels]`` when it is broadcast (stride 0) along every other dim, else None.
 
@@ -611,6 +620,8 @@ class _Analysis:
         mod: Any = found
         if self.t.calls.get(name, 0) != 1:
             raise _Skip(f"module '{name}' is called {self.t.calls.get(name, 0)} times (shared weights)")
+        if not _parametrized(mod):
+            return name, mod
         for param in ("weight", "bias"):
             if parametrize.is_parametrized(mod, param) and (param == "bias" or low_rank_factors(mod) is None):
                 raise _Skip(
@@ -711,9 +722,13 @@ class _Analysis:
             raise _Skip(f"activation shape {tuple(shape)} does not have the producer's {k} channels at dim {ch_dim}")
         view = [1] * len(shape)
         view[ch_dim] = k
-        labels = {out_vid: torch.arange(1, k + 1, dtype=torch.float32).reshape(view).expand(shape)}
+        own = torch.arange(1, k + 1, dtype=torch.float32).reshape(view).expand(shape)
+        labels = {out_vid: own}
+        last = max(self.t.values[out_vid].uses, default=-1)  # no op after the last read of a label can reach one
         found: list[tuple[str, Any, Tensor]] = []
         for op in self.t.ops[act.index + 1 : self.n_ops]:
+            if op.index > last:
+                break
             if not self.op_live[op.index]:
                 continue  # a read whose result never reaches the output
             reached = [v for v in op.inputs if v in labels]
@@ -722,11 +737,13 @@ class _Analysis:
             if op.kind in _WEIGHTED:
                 if self.data_vid(op) not in labels or len(reached) > 1:
                     raise _Skip(f"the activation is used as a weight of '{op.name}'")
-                found.append(self.consumer(op, labels[reached[0]]))
+                lab = labels[reached[0]]
+                found.append(self.consumer(op, lab, ch_dim if lab is own else None))
                 continue
             new = self.propagate(op, labels)
             for vid, lab in zip(op.outputs, new):
                 labels[vid] = lab
+                last = max(last, *self.t.values[vid].uses, -1)
         for vid in labels:
             if self.output[vid]:
                 raise _Skip("the activation reaches the model output without a Linear/Conv in between")
@@ -768,9 +785,15 @@ class _Analysis:
             return [torch.where(hi == lo, hi, torch.full_like(hi, -1.0))]
         raise _Skip(f"the activation output is read by unsupported op '{op.name}'")
 
-    def consumer(self, op: Op, lab: Tensor) -> tuple[str, Any, Tensor]:
+    def consumer(self, op: Op, lab: Tensor, own_dim: int | None = None) -> tuple[str, Any, Tensor]:
+        """Module, name and the input features of each neuron (``[K, M]``) of a Linear/Conv reading labels ``lab``.
+
+        ``own_dim``: ``lab`` holds the activation's own labels, neuron k at index k of that dim.
+        """
         name, mod = self.module_of(op, (nn.Linear, *_CONV))
         ch = -1 if isinstance(mod, nn.Linear) or is_conv1d(mod) else 1
+        if own_dim is not None and ch % lab.dim() == own_dim % lab.dim():  # the usual case, without reading labels
+            return name, mod, torch.arange(lab.shape[ch]).unsqueeze(1)
         fast = _per_channel(lab, ch)  # a label broadcast over positions (the usual case): no need to read them all
         if fast is not None:
             first = fast.reshape(-1, fast.shape[-1])[0] if ch == -1 else fast[0]
@@ -903,10 +926,10 @@ def shared_weights(groups: Sequence[NeuronGroup]) -> list[str]:
     return sorted(rows & cols)
 
 
-def _low_rank_groups(root: nn.Module) -> list[NeuronGroup]:
+def _low_rank_groups(modules: Mapping[str, nn.Module]) -> list[NeuronGroup]:
     groups = []
-    for name, mod in root.named_modules():
-        f = low_rank_factors(mod)
+    for name, mod in modules.items():
+        f = low_rank_factors(mod) if _parametrized(mod) else None
         if f is None:
             continue
         r = f[0].shape[1]
@@ -933,7 +956,7 @@ def analyze(trace: Trace, root: nn.Module, targets: Targets = None, exclude: Tar
             groups.append(a.group(op))
         except _Skip as why:
             skipped.append((label, str(why)))
-    rank_groups = _low_rank_groups(root)
+    rank_groups = _low_rank_groups(a.modules)
     if targets is not None or exclude is not None:
         candidates = list(dict.fromkeys(p for g in groups + rank_groups for p in (*g.producers, g.name)))
         picked = set(select_names(candidates, targets, exclude))

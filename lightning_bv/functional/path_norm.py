@@ -5,12 +5,15 @@ The path-norm is the sum, over every path from an input coordinate (or from a bi
 are replaced by ``|.|^p`` (BatchNorm folded first, max-pools replaced by sums over their windows, average-pools by
 sums times ``(1/window)^p``) evaluated on an all-ones input, where every ReLU is the identity.
 
-The model's own ``forward`` runs under :func:`torch.func.functional_call` on float64 copies of its parameters and
-buffers. A :class:`~torch.overrides.TorchFunctionMode` follows which tensors carry activations and rewrites the ops
-that touch them; computations on parameters alone (parametrizations, low-rank products) run unchanged, so the norm is
-that of the effective weights. Any op on activations outside an allow-list is refused, naming the op and the module.
-Forward hooks mark the module each op runs in and switch BatchNorm modules to their eval branch for the length of
-their own call (restored on exit, also on errors), so training mode needs no special care.
+The model's own ``forward`` runs under :func:`torch.func.functional_call` on float64 copies of its buffers. A
+:class:`~torch.overrides.TorchFunctionMode` follows which tensors carry activations and rewrites the ops that touch
+them; computations on parameters alone (parametrizations, low-rank products) run unchanged on float64 copies of the
+parameters, so the norm is that of the effective weights. On CPU the weight of a Linear/Conv layer read directly is
+not copied whole: its ``|W|^p`` is built in float64 one block of rows at a time, each block used while it is in cache
+(a fresh float64 copy of a large weight costs more than the product itself, mostly in page faults). Any op on
+activations outside an allow-list is refused, naming the op and the module. Forward hooks mark the module each op
+runs in and switch BatchNorm modules to their eval branch for the length of their own call (restored on exit, also
+on errors), so training mode needs no special care.
 """
 
 from __future__ import annotations
@@ -32,6 +35,9 @@ from lightning_bv._trace import force_eager
 __all__ = ["path_norm"]
 
 _T = torch.Tensor
+# entries of a CPU weight's |W|^p built at once in float64: 256 KiB stay in cache while they are read, and torch runs
+# an op on at most 32768 entries in one thread (no wait for a second thread that another process may be holding)
+_BLOCK = 1 << 15
 # Ops on activations, by how they are rewritten. Membership is by function identity: an allow-list.
 _GROUPS: dict[str, tuple[Callable, ...]] = {
     # entries are moved, copied, selected or summed with weight 1: run unchanged
@@ -70,6 +76,11 @@ _METADATA = {
     *("shape", "ndim", "dtype", "device", "layout", "requires_grad", "grad_fn", "is_leaf", "names", "itemsize"),
     *("is_cuda", "is_cpu", "is_meta", "is_mps", "is_xpu", "is_sparse", "is_quantized", "is_mkldnn", "is_nested"),
 }
+# metadata that a parameter and its float64 copy share: read on the parameter itself (no copy made for it)
+_SHARED_METADATA = _METADATA - {"dtype", "element_size", "itemsize", "data_ptr", "grad_fn", "is_leaf"}
+_SHARED_METADATA -= {"__hash__", "__repr__", "__format__"}
+# weighted ops whose weight rows are output channels (built a block of rows at a time; not grouped or transposed)
+_ROW_BLOCKED = (F.linear, F.conv1d, F.conv2d, F.conv3d)
 _ARGS = {  # positional names of the ops whose arguments are read
     "max_pool": ("input", "kernel_size", "stride", "padding", "dilation", "ceil_mode"),
     "avg_pool": ("input", "kernel_size", "stride", "padding", "ceil_mode"),
@@ -97,6 +108,25 @@ def _abs_pow(t: Tensor, p: float) -> Tensor:
     if p == 2:
         return t.square()
     return t.abs().pow(p)
+
+
+def _abs_pow_f64(t: Tensor, p: float) -> Tensor:
+    """``|t|^p`` in float64; of a lower precision ``t``, computed in place on its float64 copy (one allocation)."""
+    if t.dtype == torch.float64:
+        return _abs_pow(t, p)
+    t = t.to(torch.float64)
+    return t.abs_() if p == 1 else t.square_() if p == 2 else t.abs_().pow_(p)
+
+
+def _name(func: Callable) -> str:
+    name = getattr(func, "__name__", repr(func))
+    if name == "__get__":  # a property such as Tensor.shape or Tensor.T
+        name = getattr(getattr(func, "__self__", None), "__name__", name)
+    return name
+
+
+def _arg(args: Sequence[Any], kwargs: dict[str, Any], i: int, name: str, default: Any = None) -> Any:
+    return args[i] if len(args) > i else kwargs.get(name, default)
 
 
 def _bind(group: str, args: Sequence[Any], kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -152,6 +182,53 @@ class _PathNormMode(TorchFunctionMode):
         self._acts: set[int] = set()
         self._alive: list[Tensor] = []  # keeps the ids in _acts (and _tokens) from being reused
         self._tokens: set[int] = set()  # integer inputs (token ids) and their views
+        self._params: set[int] = set()  # ids of the floating-point parameters not in float64 (the model holds them)
+        self._copies: dict[int, Tensor] = {}  # their float64 copies, made on first use by a computation
+
+    def watch_params(self, params: Sequence[Tensor]) -> None:
+        self._params.update(id(t) for t in params if t.is_floating_point() and t.dtype != torch.float64)
+
+    def f64(self, t: Tensor) -> Tensor:
+        """``t`` in float64; a parameter's copy is made once, so all its uses (in-place ones too) see one tensor."""
+        if id(t) not in self._params:
+            return t.to(torch.float64)
+        copy = self._copies.get(id(t))
+        if copy is None:
+            copy = self._copies[id(t)] = t.to(torch.float64)
+        return copy
+
+    def copies(self, obj: Any) -> Any:
+        """``obj`` with every parameter replaced by its float64 copy (containers rebuilt, other values unchanged)."""
+        if isinstance(obj, Tensor):
+            return self.f64(obj) if id(obj) in self._params else obj
+        if type(obj) in (list, tuple):
+            return type(obj)(self.copies(v) for v in obj)
+        if isinstance(obj, dict):
+            return {k: self.copies(v) for k, v in obj.items()}
+        return obj
+
+    def row_blocks(self, w: Tensor) -> Iterator[Tensor]:
+        """``|w|^p`` in float64, one block of rows (about ``_BLOCK`` entries) after the other.
+
+        Each block is to be used before the next is asked for. On CPU, without autograd, every block is written into
+        one reused buffer: a fresh allocation of this size can cost page faults each time (glibc gives it back to the
+        system when it is freed). Off CPU (one kernel per block would cost more than the copy) and for a tensor
+        subclass such as a DTensor the whole comes at once.
+        """
+        w = self._copies.get(id(w), w)  # the copy a computation on parameters made (it may have changed it in place)
+        if type(w) not in (Tensor, nn.Parameter) or w.device.type != "cpu" or w.numel() <= _BLOCK:
+            yield _abs_pow_f64(w, self.p)
+            return
+        rows = max(1, _BLOCK // max(1, w[0].numel()))
+        if torch.is_grad_enabled():  # backward may keep every block (also of a frozen weight): no buffer to reuse
+            for block in w.split(rows):
+                yield _abs_pow_f64(block, self.p)
+            return
+        buffer = torch.empty((rows, *w.shape[1:]), dtype=torch.float64, device=w.device)
+        for block in w.split(rows):
+            out = buffer if block.shape[0] == rows else buffer[: block.shape[0]]
+            out.copy_(block)
+            yield out.abs_() if self.p == 1 else out.square_() if self.p == 2 else out.abs_().pow_(self.p)
 
     def mark_tokens(self, obj: Any) -> None:
         for t in _tensors(obj):
@@ -167,7 +244,8 @@ class _PathNormMode(TorchFunctionMode):
             weight = args[1] if len(args) > 1 else kwargs["weight"]
             ids = args[0]
             # an embedding is a Linear on the one-hot token: all-ones input -> the column sums of |E|^p at each position
-            row = _abs_pow(weight.to(torch.float64), self.p).sum(0)
+            sums = [block.sum(0) for block in self.row_blocks(weight)]
+            row = sums[0] if len(sums) == 1 else torch.stack(sums).sum(0)
             out = row.expand(*ids.shape, row.shape[0]).clone()
             self.mark(out)
             return out
@@ -224,7 +302,7 @@ class _PathNormMode(TorchFunctionMode):
         if isinstance(value, Tensor):
             if self.is_act(value) or not (numbers or value.is_floating_point()):
                 return value
-            return _abs_pow(value.to(torch.float64), self.p)
+            return _abs_pow(self.f64(value), self.p)
         if numbers and isinstance(value, (int, float)) and not isinstance(value, bool):
             return abs(value) ** self.p
         if type(value) in (list, tuple):
@@ -235,11 +313,12 @@ class _PathNormMode(TorchFunctionMode):
         kwargs = kwargs or {}
         if self._tokens and any(id(t) in self._tokens for t in _tensors((args, kwargs))):
             return self._token_op(func, getattr(func, "__name__", repr(func)), args, kwargs)
-        if not any(self.is_act(t) for t in _tensors((args, kwargs))):
-            return func(*args, **kwargs)  # parameters and constants only
-        name = getattr(func, "__name__", repr(func))
-        if name == "__get__":  # a property such as Tensor.shape or Tensor.T
-            name = getattr(getattr(func, "__self__", None), "__name__", name)
+        tensors = list(_tensors((args, kwargs)))
+        if not any(self.is_act(t) for t in tensors):  # parameters and constants only: run on float64 parameters
+            if any(id(t) in self._params for t in tensors) and _name(func) not in _SHARED_METADATA:
+                args, kwargs = self.copies(args), self.copies(kwargs)
+            return func(*args, **kwargs)
+        name = _name(func)
         group = _HANDLER.get(func)
         if group is None:
             if name in _METADATA:
@@ -264,7 +343,21 @@ class _PathNormMode(TorchFunctionMode):
     def _weighted(self, func: Callable, name: str, args: list, kwargs: dict) -> Any:
         if not self.is_act(args[0]) or any(self.is_act(t) for t in _tensors((args[1:], kwargs))):
             raise self.refuse(f"`{name}` with weights that depend on the input")
-        return func(args[0], *self.lift(args[1:], False), **self.lift(kwargs, False))
+        x, weight, bias = args[0], _arg(args, kwargs, 1, "weight"), _arg(args, kwargs, 2, "bias")
+        blockable = isinstance(weight, Tensor) and weight.dim() >= 2 and _arg(args, kwargs, 6, "groups", 1) == 1
+        if func not in _ROW_BLOCKED or not blockable:
+            return func(x, *self.lift(args[1:], False), **self.lift(kwargs, False))
+        # rows are output channels: |W|^p one block of rows at a time, never the whole float64 copy of a large weight
+        bias = self.lift(bias, False)
+        rest, options = self.lift(args[3:], False), self.lift({k: v for k, v in kwargs.items() if k != "bias"}, False)
+        options.pop("weight", None)
+        outs, start = [], 0
+        for block in self.row_blocks(weight):
+            part = None if bias is None else bias[start : start + block.shape[0]]
+            outs.append(func(x, block, part, *rest, **options))
+            start += block.shape[0]
+        channels = -1 if func is F.linear else x.dim() - weight.dim() + 1  # conv: 1 on a batch, 0 on one sample
+        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=channels)
 
     def _add(self, func: Callable, name: str, args: list, kwargs: dict) -> Any:
         return func(*self.lift(args, True), **self.lift(kwargs, True))
@@ -298,7 +391,7 @@ class _PathNormMode(TorchFunctionMode):
         return F.pad(bound["input"], bound["pad"], mode, value)
 
     def _batch_norm(self, func: Callable, name: str, args: list, kwargs: dict) -> Any:
-        bn = _bind("batch_norm", args, kwargs)
+        bn = self.copies(_bind("batch_norm", args, kwargs))
         x, mean, var = bn["input"], bn["running_mean"], bn["running_var"]
         if mean is None or var is None:
             raise self.refuse("BatchNorm without running statistics (track_running_stats=False)")
@@ -396,11 +489,12 @@ def path_norm(model: nn.Module, example_input: Tensor | tuple | Mapping[str, Any
         raise ValueError(
             "`example_input` must be a floating-point tensor, or integer token ids, or a tuple or dict holding one"
         )
-    state = {k: v.to(torch.float64) if v.is_floating_point() else v for k, v in model.named_parameters()}
+    state = {}  # parameters stay the model's own (the mode reads them in float64); buffers are float64 copies
     for k, v in model.named_buffers():  # copies: a forward in training mode may update buffers in place
         state[k] = v.detach().to(torch.float64 if v.is_floating_point() else v.dtype, copy=True)
 
     mode = _PathNormMode(p)
+    mode.watch_params(list(model.parameters()))
     handles = []
     for name, module in model.named_modules():
         handles.append(module.register_forward_pre_hook(mode.enter_hook(name)))

@@ -1,4 +1,5 @@
 import copy
+import importlib
 import itertools
 import math
 
@@ -12,6 +13,8 @@ from torch.nn.utils import parametrize
 
 from lightning_bv import find_neurons
 from lightning_bv.functional.path_norm import path_norm
+
+path_norm_module = importlib.import_module("lightning_bv.functional.path_norm")  # the package's name is the function
 
 # ---------------------------------------------------------------- references
 
@@ -457,6 +460,65 @@ def test_usable_as_a_penalty_on_a_float32_model(resnet):
         assert param.grad is not None, name
         assert param.grad.dtype == torch.float32, name
         assert param.grad.abs().sum() > 0, name
+
+
+@pytest.mark.parametrize("p", [1, 2, 3])
+def test_weights_read_in_blocks_of_rows_give_the_same_norm_and_gradient(monkeypatch, p):
+    torch.manual_seed(21)
+    conv, l1, l2 = nn.Conv2d(2, 5, 3, padding=1), nn.Linear(5 * 4 * 4, 7), nn.Linear(7, 3)
+    net = nn.Sequential(conv, nn.ReLU(), nn.Flatten(), l1, nn.ReLU(), l2)
+    x = torch.randn(2, 2, 4, 4)
+    whole = path_norm(net, x, p=p)  # every weight fits in one block
+    grads = torch.autograd.grad(whole, list(net.parameters()))
+    monkeypatch.setattr(path_norm_module, "_BLOCK", 20)  # blocks of 1 conv row, 1 row of l1, 2 + 1 rows of l2
+    blocked = path_norm(net, x, p=p)
+    assert blocked.item() == pytest.approx(whole.item(), rel=1e-12)
+    layers = [conv_layer(conv, (2, 4, 4)), linear_layer(l1), linear_layer(l2)]
+    assert blocked.item() == pytest.approx(chain_norm(layers, p), rel=1e-12)
+    for g, h in zip(grads, torch.autograd.grad(blocked, list(net.parameters())), strict=True):
+        torch.testing.assert_close(h, g, rtol=1e-6, atol=0)
+    with torch.no_grad():  # the blocks share one buffer
+        assert path_norm(net, x, p=p).item() == pytest.approx(whole.item(), rel=1e-12)
+    l2.requires_grad_(False)  # a frozen weight's blocks are still kept for the gradient of the layers before it
+    frozen = torch.autograd.grad(path_norm(net, x, p=p), [conv.weight, l1.weight])
+    torch.testing.assert_close(frozen, (grads[0], grads[2]), rtol=1e-6, atol=0)
+
+
+def test_blocks_of_an_unbatched_conv_are_joined_on_its_channels(monkeypatch):
+    class OneSample(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv1d(2, 4, 3)
+
+        def forward(self, x):
+            return self.conv(x[0])  # [channels, length]: no batch dimension
+
+    torch.manual_seed(22)
+    net, x = OneSample(), torch.randn(1, 2, 6)
+    monkeypatch.setattr(path_norm_module, "_BLOCK", 6)  # one output channel a block
+    assert path_norm(net, x, p=2).item() == pytest.approx(path_norm(net.conv, x, p=2).item(), rel=1e-12)
+
+
+def test_a_parameter_changed_in_place_by_forward_is_read_changed_and_left_unchanged():
+    class Clipped(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(3, 2)
+
+        def forward(self, x):
+            with torch.no_grad():
+                self.lin.weight.clamp_(-0.1, 0.1)  # weight clipping inside forward
+            return self.lin(x)
+
+    torch.manual_seed(23)
+    net, x = Clipped(), torch.randn(2, 3)
+    before = net.lin.weight.detach().clone()
+    value = path_norm(net, x, p=1).item()
+    assert torch.equal(net.lin.weight, before)
+    clipped = copy.deepcopy(net.lin).double()  # clipped as the float64 weights are
+    with torch.no_grad():
+        clipped.weight.clamp_(-0.1, 0.1)
+    assert value == pytest.approx(path_norm(clipped, x, p=1).item(), rel=1e-12)
 
 
 # ---------------------------------------------------------------- refusals
