@@ -127,7 +127,7 @@ def _describe_nonfinite(group: NeuronGroup, w: Tensor, v: Tensor) -> str:
 
 def _skip_nonfinite(group: NeuronGroup, w: Tensor, v: Tensor, on_nonfinite: str) -> bool:
     """Whether to leave ``group`` alone because its norms ``w``, ``v`` are not finite (raises with "raise")."""
-    if on_nonfinite == "ignore" or bool((torch.isfinite(w).all() & torch.isfinite(v).all()).item()):
+    if on_nonfinite == "ignore" or bool(torch.isfinite(torch.cat([w, v])).all()):
         return False
     if on_nonfinite == "raise":
         raise NonFiniteWeightsError(
@@ -150,6 +150,8 @@ def _nonfinite_groups(glist: list[NeuronGroup], norms: list[tuple[Tensor, Tensor
 
 def _safe_sqrt(x: Tensor) -> Tensor:
     """Sqrt with gradient 0 (not inf) at 0, so that dead neurons do not turn gradients into NaN; NaN stays NaN."""
+    if not (torch.is_grad_enabled() and x.requires_grad):
+        return x.clamp_min(0).sqrt()  # the same values in two ops (clamp_min keeps NaN)
     pos = ~(x <= 0)  # True for NaN too: a NaN norm must not read as a dead neuron
     return torch.where(pos, x, torch.ones_like(x)).sqrt() * pos
 
@@ -326,7 +328,7 @@ def _shrink_(g: NeuronGroup, thr: Tensor | float, v: Tensor, q: int) -> None:
     """Soft-threshold neuron k's output weights by ``thr[k]``: group-wise (q=2) or entry-wise (q=1)."""
     reg = [s for s in g.v_slots if s.regularized]
     if q == 2:
-        factor = (1.0 - thr / torch.where(v > 0, v, torch.ones_like(v))).clamp_min(0.0) * (v > 0)
+        factor = torch.where(v > 0, (1.0 - thr / v).clamp_min_(0.0), 0.0)  # v = 0: thr / v is not used
         for s in reg:
             s.scale_(factor)
     else:
@@ -337,8 +339,7 @@ def _shrink_(g: NeuronGroup, thr: Tensor | float, v: Tensor, q: int) -> None:
 def _unit(w: Tensor) -> tuple[Tensor, Tensor]:
     """``(1 / ||w_k||`` where positive else 1, the norms after dividing: 1 where positive else 0)."""
     live = w > 0
-    one = torch.ones_like(w)
-    return torch.where(live, 1.0 / torch.where(live, w, one), one), live.to(w.dtype)
+    return torch.where(live, w.reciprocal(), 1.0), live.to(w.dtype)  # w = 0: 1 / w is not used
 
 
 def _begin(groups: Groups, tau: object, q: int, on_nonfinite: str) -> tuple[int, str, list[NeuronGroup], dict]:
