@@ -41,6 +41,7 @@ BENCHMARKS: dict[str, tuple[str, list[str]]] = {
         "groups, compaction and Torch-Pruning on real architectures; discovery time on resnet18",
         ["--repeats", "3"],
     ),
+    "prox_parts": ("the proximal update's parts (thresholds, norms, projection, shrink) / a step", ["--repeats", "3"]),
     "find_neurons": ("find_neurons on a resnet18-shaped model / Torch-Pruning's build_dependency", ["--repeats", "3"]),
     "examples": ("the numbers of examples/*.md (default run, digits.py, 2-process DDP); rewrites them", ["--smoke"]),
 }

@@ -13,7 +13,8 @@ Lightning, so that only the parts are timed):
   plus ``thresholds``: what the callback runs after every optimizer step.
 
 The parts are timed one after the other inside each repeat (interleaved), medians over repeats, in ms; ratios are
-over ``step``. Also the lifted model's step over the plain (unlifted) model's.
+over ``step``. Also the lifted model's step over the plain (unlifted) model's, and the step and update of the CNN
+and transformer of ``benchmarks.cost``, which are not lifted.
 
     python -m benchmarks.prox_parts [--repeats 30] [--optimizer sgd adam]
 """
@@ -97,6 +98,26 @@ def parts(optimizer: str, repeats: int, lam: float = 1e-4) -> dict[str, float]:
     return {p: median(v) for p, v in times.items()}
 
 
+def unlifted(model: str, repeats: int, lam: float = 1e-4) -> dict[str, float]:
+    """Step and update (SGD) of a model of ``benchmarks.cost`` that has no shared matrix (nothing is lifted)."""
+    from benchmarks.cost import MODELS
+
+    make, shape = MODELS[model]
+    torch.manual_seed(0)
+    net, x = make(), torch.randn(*shape)
+    y = torch.randint(0, 10, (shape[0],))
+    groups = find_neurons(net, x[:2])
+    opt = OPTIMIZERS["sgd"](net.parameters())
+    for _ in range(3):
+        _step(net, opt, x, y)
+    proximal_step_(groups, prox_thresholds(groups, opt, lam), first=True)
+    steps, updates = [], []
+    for _ in range(repeats):
+        steps.append(_ms(lambda: _step(net, opt, x, y)))
+        updates.append(_ms(lambda: proximal_step_(groups, prox_thresholds(groups, opt, lam))))
+    return {"groups": float(len(groups)), "step": median(steps), "update": median(updates)}
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--repeats", type=int, default=30)
@@ -112,12 +133,18 @@ def main(argv: list[str] | None = None) -> None:
         rows.append([o, "lifted step / plain step", r["step"], r["step"] / r["plain step"]])
     header = ["optimizer", "part", "median ms", "over the lifted step"]
     table = markdown_table(header, rows)
+    others = {m: unlifted(m, args.repeats) for m in ("CNN", "transformer")}
+    table += "\n\nModels with no shared matrix (not lifted; `benchmarks.cost`'s CNN and transformer, SGD):\n\n"
+    table += markdown_table(
+        ["model", "groups", "step ms", "update ms", "update / step"],
+        [[m, int(r["groups"]), r["step"], r["update"], r["update"] / r["step"]] for m, r in others.items()],
+    )
     table += (
         f"\n\n{args.repeats} repeats, 2 torch threads; `norms` are computed inside `projection` and `shrink` too (as "
         "the update does once per group), so the parts overlap; `update` is what the callback adds per step."
     )
     print(table)
-    save(args.name, table, {"repeats": args.repeats, "results": results})
+    save(args.name, table, {"repeats": args.repeats, "results": results, "unlifted": others})
 
 
 if __name__ == "__main__":
