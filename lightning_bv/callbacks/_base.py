@@ -120,6 +120,18 @@ def configure_model_first(trainer: Any, pl_module: Any, who: str) -> None:
         pl_module.configure_model()
 
 
+def surgery_of_later_callbacks_first(trainer: Any, me: Any, pl_module: Any, stage: str) -> None:
+    """Run now the ``setup`` of the surgery callbacks listed after ``me`` (``changes_model_in_setup``).
+
+    So that what ``me`` does at setup sees the final model; their own ``setup`` does nothing the second time.
+    """
+    callbacks: list[Any] = list(getattr(trainer, "callbacks", []))
+    mine = next((i for i, c in enumerate(callbacks) if c is me), len(callbacks))
+    for later in callbacks[mine + 1 :]:
+        if getattr(later, "changes_model_in_setup", False):
+            later.setup(trainer, pl_module, stage)
+
+
 def refuse_unsupported(trainer: Any, pl_module: Any, who: str) -> None:
     """Raise at ``setup`` for set-ups the callbacks do not support: manual optimization and sharded strategies."""
     why = "reads and rescales whole weight rows and columns, which are flattened into shards there"

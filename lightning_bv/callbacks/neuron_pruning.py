@@ -24,6 +24,7 @@ from lightning_bv.callbacks._base import (
     is_fsdp2,
     is_parallel,
     refuse_sharded,
+    surgery_of_later_callbacks_first,
 )
 from lightning_bv.callbacks._discovery import GroupDiscovery
 from lightning_bv.neurons import NeuronGroup, NeuronGroups, find_neurons
@@ -163,9 +164,7 @@ class NeuronPruning(CallbackBase):
         if self.groups is None and example is not None:
             self.groups = find_neurons(pl_module, example, targets=self.targets, exclude=self.exclude)
         if is_fsdp2(trainer) and self.at_fit_end:
-            for later in _after(trainer, self):  # their surgery first: the copy has the layers the fit trains
-                if getattr(later, "changes_model_in_setup", False):
-                    later.setup(trainer, pl_module, stage)
+            surgery_of_later_callbacks_first(trainer, self, pl_module, stage)  # the copy has the layers the fit trains
             self._skeleton = _meta_copy(pl_module)  # before configure_model shards it (a sharded module has no copy)
         self._hook_loading(trainer, pl_module)
 
@@ -381,12 +380,6 @@ def _resize_on_load(
     checkpoint = getattr(getattr(trainer, "_checkpoint_connector", None), "_loaded_checkpoint", None)
     if shrunk or not (isinstance(checkpoint, dict) and checkpoint and not _compacted(checkpoint)):
         resize_to_state_dict_(module, state_dict, prefix, grow=shrunk)
-
-
-def _after(trainer: Any, me: Any) -> list[Any]:
-    callbacks: list[Any] = list(getattr(trainer, "callbacks", []))
-    mine = next((i for i, c in enumerate(callbacks) if c is me), len(callbacks))
-    return callbacks[mine + 1 :]
 
 
 def _meta_copy(module: nn.Module) -> Any:

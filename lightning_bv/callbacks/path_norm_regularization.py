@@ -21,6 +21,7 @@ from lightning_bv.callbacks._base import (
     configure_model_first,
     is_fsdp2,
     refuse_unsupported,
+    surgery_of_later_callbacks_first,
     warn_if_spawned,
 )
 from lightning_bv.callbacks._discovery import GroupDiscovery
@@ -226,11 +227,7 @@ class PathNormRegularization(CallbackBase):
                 "less readily). Build the layers in `__init__` and only shard them in `configure_model`."
             )
             return
-        callbacks: list[Any] = getattr(trainer, "callbacks", [])
-        mine = next((i for i, c in enumerate(callbacks) if c is self), len(callbacks))
-        for later in callbacks[mine + 1 :]:  # their surgery first: the groups are those of the final model
-            if getattr(later, "changes_model_in_setup", False):
-                later.setup(trainer, pl_module, stage)
+        surgery_of_later_callbacks_first(trainer, self, pl_module, stage)  # the groups are those of the final model
         configure_model_first(trainer, pl_module, who)
         if example is not None:
             groups = find_neurons(pl_module, example, targets=self.targets, exclude=self.exclude)
