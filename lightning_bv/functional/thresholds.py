@@ -57,12 +57,8 @@ def _step_of(state: dict[str, Any]) -> float:
     return float(step.item() if isinstance(step, Tensor) else step)
 
 
-def _denominator(kind: str, group: dict[str, Any], state: dict[str, Any]) -> tuple[Tensor, float, float] | None:
-    """``D * lr`` per coordinate of an adaptive optimizer as ``scale * root + shift`` (None before it has state).
-
-    ``root`` is the one new tensor (a square root of the optimizer's second moments); the rest is two scalars, so
-    a neuron's mean of ``D`` is one reduction of ``root``.
-    """
+def _denominator(kind: str, group: dict[str, Any], state: dict[str, Any]) -> Tensor | None:
+    """``D * lr`` per coordinate of an adaptive optimizer (None before it has state for the tensor)."""
     eps = float(group.get("eps", 1e-8))
     if kind in ("Adam", "AdamW"):
         sq = state.get("max_exp_avg_sq") if group.get("amsgrad", False) else state.get("exp_avg_sq")
@@ -70,23 +66,22 @@ def _denominator(kind: str, group: dict[str, Any], state: dict[str, Any]) -> tup
         if sq is None or t <= 0:
             return None
         bc2 = 1.0 - float(group["betas"][1]) ** t
-        return sq.float().sqrt(), 1.0 / math.sqrt(bc2), eps
+        return (sq.float() / bc2).sqrt_().add_(eps)
     if kind == "RMSprop":
         sq = state.get("square_avg")
         if sq is None:
             return None
         sq = sq.float()
         if group.get("centered", False) and state.get("grad_avg") is not None:
-            sq = (sq - state["grad_avg"].float().square()).clamp_min_(0)
-        keep = 1.0 - float(group.get("momentum", 0.0) or 0.0)
-        return sq.sqrt(), keep, eps * keep
+            sq = sq - state["grad_avg"].float().square()
+        return sq.clamp_min(0).sqrt_().add_(eps).mul_(1.0 - float(group.get("momentum", 0.0) or 0.0))
     if kind == "Adagrad":
         total = state.get("sum")
         if total is None:
             return None
         t = _step_of(state)
         decay = 1.0 + max(t - 1.0, 0.0) * float(group.get("lr_decay", 0.0))
-        return total.float().sqrt(), decay, eps * decay
+        return total.float().sqrt().add_(eps).mul_(decay)
     return None
 
 
@@ -166,7 +161,7 @@ def _group_threshold(
     lam: float,
 ) -> float | Tensor:
     scalars: set[float] = set()
-    parts: list[tuple[Slot, tuple[Tensor, float, float] | float]] = []  # (slot, inverse step: per coordinate or one)
+    parts: list[tuple[Slot, Tensor | float]] = []  # (slot, inverse step per coordinate or one for all)
     for s in slots:
         leaf = s.written()
         i = where.get(id(leaf))
@@ -186,10 +181,9 @@ def _group_threshold(
             parts.append((s, inv))
             scalars.add(inv)
         else:
-            root, scale, shift = denom
-            parts.append((s, (root, scale / lr, shift / lr)))
+            parts.append((s, denom.div_(lr)))  # in place: the one new tensor
             scalars.add(math.nan)  # per coordinate
-    if len(scalars) == 1 and not any(isinstance(d, tuple) for _, d in parts):
+    if len(scalars) == 1 and not any(isinstance(d, Tensor) for _, d in parts):
         inv = next(iter(scalars))
         return 0.0 if math.isinf(inv) else lam / inv
     device = slots[0].written().device
@@ -201,16 +195,14 @@ def _group_threshold(
         shape = view.tensor().shape
         n = _entries(s, view, shape).to(device)
         count += n
-        if not isinstance(d, tuple):
+        if not isinstance(d, Tensor):
             total += n * d  # one inverse step for every entry (inf: frozen)
             continue
-        root, scale, shift = d
-        part, pg = view.reduce_part(root.reshape(shape), "abs")  # sum of sqrt(second moments) per neuron
-        total += n * shift
+        part, pg = view.reduce_part(d.reshape(shape), "abs")  # per-neuron sum of D (positive: abs changes nothing)
         if pg is None:
-            total += part * scale
+            total += part
         else:
-            split[pg] = split[pg] + part * scale if pg in split else part * scale
+            split[pg] = split[pg] + part if pg in split else part
     for pg, part in split.items():
         total += all_reduce_([part], pg)[0]
     total = torch.nan_to_num(total, nan=math.inf, posinf=math.inf)  # a NaN moment: no step known, no threshold
