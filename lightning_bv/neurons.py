@@ -106,9 +106,7 @@ class Slot:
                 raise ValueError(f"slot {self!r}: '{self.module_name}' is no longer low-rank")
             if self.dim == 0:
                 return f[0]
-            plist: Any = self.module.parametrizations["weight"]  # type: ignore[index]
-            shape = plist[0].weight_shape  # the product's shape, without computing the product
-            return f[1].view(f[1].shape[0], *shape[1:])
+            return f[1].view(f[1].shape[0], *self._product_shape()[1:])  # without computing the product
         return _resolve(self.module, self.param)
 
     def _kernel(self, t: Tensor) -> int:
