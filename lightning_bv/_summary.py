@@ -21,6 +21,7 @@ import torch
 from torch import Tensor, nn
 from typing_extensions import override
 
+from lightning_bv._layers import WEIGHTED
 from lightning_bv.callbacks._base import CallbackBase
 from lightning_bv.functional.path_norm import path_norm
 from lightning_bv.functional.rbv import neuron_scores
@@ -28,7 +29,6 @@ from lightning_bv.functional.spectral import singular_values
 from lightning_bv.neurons import find_neurons, low_rank_factors
 from lightning_bv.transforms.skip import is_skip
 
-_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 COLUMNS = ("initial", "trained", "compacted")
 
 
@@ -98,7 +98,7 @@ def snapshot(module: nn.Module, example: Any, metric: dict[str, float] | None = 
     names = canonical_names(module)
     snap = Snapshot(params=sum(p.numel() for p in module.parameters()), metric=dict(metric or {}))
     for name, layer in module.named_modules():
-        if not isinstance(layer, _LAYERS) or "parametrizations" in name.split("."):
+        if not isinstance(layer, WEIGHTED) or "parametrizations" in name.split("."):
             continue
         factors = low_rank_factors(layer)
         key = names[id(layer)]
@@ -287,7 +287,7 @@ def plot_spectra(module: nn.Module, path: Path) -> bool:
     names = canonical_names(module)
     spectra = []
     for name, layer in module.named_modules():
-        if isinstance(layer, _LAYERS) and "parametrizations" not in name.split("."):
+        if isinstance(layer, WEIGHTED) and "parametrizations" not in name.split("."):
             factors = low_rank_factors(layer)
             s = singular_values(factors if factors is not None else layer.weight)
             if bool((s > 0).any()):

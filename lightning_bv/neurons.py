@@ -18,27 +18,12 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
+from lightning_bv._layers import BATCH_NORMS, CONVS, FACTOR_U, FACTOR_V, WEIGHTED
+from lightning_bv._layers import is_null_space as is_null_space  # re-exported
+from lightning_bv._layers import low_rank_factors as low_rank_factors  # re-exported
 from lightning_bv._select import Targets, select_names
 from lightning_bv._sharding import all_reduce_, full, local
 from lightning_bv._trace import ACTIVATIONS, Op, Ref, Trace
-
-_BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
-_CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-
-
-def low_rank_factors(module: nn.Module) -> tuple[Tensor, Tensor] | None:
-    """``(U, V)`` of a weight parametrized by ``apply_low_rank`` (W = U @ V, conv weights as out x in*kernel)."""
-    if not parametrize.is_parametrized(module, "weight"):
-        return None
-    plist: Any = module.parametrizations["weight"]  # type: ignore[index]
-    if len(plist) != 1 or not getattr(plist[0], "lbv_low_rank", False):
-        return None
-    return plist.original0, plist.original1
-
-
-def is_null_space(module: nn.Module) -> bool:
-    """True for modules that compute the affine null space of the seminorm (skip connections): never charged."""
-    return bool(getattr(module, "_lbv_null_space", False))
 
 
 def _resolve(module: nn.Module, path: str) -> Tensor:
@@ -626,7 +611,7 @@ class _Analysis:
                     f"the {param} of '{name}' has a parametrization lightning_bv cannot rescale in place "
                     f"(only apply_low_rank's is understood)"
                 )
-        if isinstance(mod, _CONV) and mod.groups != 1 and low_rank_factors(mod) is not None:
+        if isinstance(mod, CONVS) and mod.groups != 1 and low_rank_factors(mod) is not None:
             raise _Skip(f"'{name}' is a low-rank grouped convolution")
         return name, mod
 
@@ -683,14 +668,14 @@ class _Analysis:
             raise _Skip("the pre-activation (or a branch of its sum) is also read elsewhere, e.g. by a residual stream")
         op = self.t.ops[value.producer]
         if op.kind == "norm":
-            bn_name, bn = self.module_of(op, _BN)
+            bn_name, bn = self.module_of(op, BATCH_NORMS)
             if bn.weight is None:
                 raise _Skip(f"BatchNorm '{bn_name}' has affine=False (no gamma to rescale)")
             inner = self.through_pools(op.data_input())
             pop = self.weighted_op(inner) if inner is not None else None
             if pop is not None and len(self.live_uses(inner)) == 1:  # type: ignore[arg-type]
                 try:
-                    name, mod = self.module_of(pop, (nn.Linear, *_CONV))
+                    name, mod = self.module_of(pop, WEIGHTED)
                     return [(name, mod, bn_name, bn)]
                 except _Skip:
                     pass
@@ -698,7 +683,7 @@ class _Analysis:
             return [(bn_name, bn, bn_name, bn)]
         wop = self.weighted_op(vid)
         if wop is not None:
-            name, mod = self.module_of(wop, (nn.Linear, *_CONV))
+            name, mod = self.module_of(wop, WEIGHTED)
             return [(name, mod, None, None)]
         if op.kind == "add":
             if len(op.inputs) != 2 or op.kwargs.get("alpha", 1) != 1:
@@ -788,7 +773,7 @@ class _Analysis:
 
         ``own_dim``: ``lab`` holds the activation's own labels, neuron k at index k of that dim.
         """
-        name, mod = self.module_of(op, (nn.Linear, *_CONV))
+        name, mod = self.module_of(op, WEIGHTED)
         ch = -1 if isinstance(mod, nn.Linear) or is_conv1d(mod) else 1
         if own_dim is not None and ch % lab.dim() == own_dim % lab.dim():  # the usual case, without reading labels
             return name, mod, torch.arange(lab.shape[ch]).unsqueeze(1)
@@ -931,8 +916,8 @@ def _low_rank_groups(modules: Mapping[str, nn.Module]) -> list[NeuronGroup]:
         if f is None:
             continue
         r = f[0].shape[1]
-        w = Slot(mod, name, "parametrizations.weight.original1", 0)
-        v = Slot(mod, name, "parametrizations.weight.original0", 1)
+        w = Slot(mod, name, FACTOR_V, 0)
+        v = Slot(mod, name, FACTOR_U, 1)
         groups.append(NeuronGroup(f"{name}:rank", [name], [None], "identity", [name], r, [w], [], [v]))
     return groups
 

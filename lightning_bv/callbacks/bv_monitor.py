@@ -10,6 +10,8 @@ from pytorch_lightning.utilities import rank_zero_warn
 from torch import Tensor, nn
 from typing_extensions import override
 
+from lightning_bv._checks import check_q
+from lightning_bv._layers import WEIGHTED
 from lightning_bv._sharding import full
 from lightning_bv.callbacks._base import CallbackBase, _check_interval, is_fsdp2, refuse_sharded
 from lightning_bv.callbacks._discovery import GroupDiscovery, is_own_forward
@@ -18,8 +20,6 @@ from lightning_bv.functional.rbv import neuron_scores
 from lightning_bv.functional.spectral import spectrum
 from lightning_bv.neurons import NeuronGroups, low_rank_factors
 from lightning_bv.transforms.low_rank import low_rank_live_components
-
-_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
 def _wandb_loggers(trainer: pl.Trainer) -> list[Any]:
@@ -97,8 +97,7 @@ class BVMonitor(CallbackBase):
                 f"`example_input` must be None, a tensor or a tuple of positional arguments, got "
                 f"{type(example_input).__name__}"
             )
-        if q not in (1, 2) or isinstance(q, bool):
-            raise ValueError(f"`q` must be 1 or 2 (the norm on each neuron's output weights), got {q!r}")
+        check_q(q)
         self.histograms = histograms
         self.plots = plots
         self.example_input = example_input
@@ -259,7 +258,7 @@ class BVMonitor(CallbackBase):
         singular: dict[str, Tensor] = {}
         if spectra:
             for name, module in pl_module.named_modules():
-                if not isinstance(module, _LAYERS):
+                if not isinstance(module, WEIGHTED):
                     continue
                 factors = low_rank_factors(module)
                 sp = spectrum((full(factors[0]), full(factors[1])) if factors is not None else full(module.weight))
@@ -338,7 +337,7 @@ class BVMonitor(CallbackBase):
     def _knots(self, pl_module: pl.LightningModule, scores: dict[str, Tensor]) -> Tensor | None:
         """``-b_k / w_k`` of the live neurons of a first layer ``Linear(1, K)`` (where ``w_k x + b_k = 0``)."""
         assert self.groups is not None
-        first = next((name for name, m in pl_module.named_modules() if isinstance(m, _LAYERS)), None)
+        first = next((name for name, m in pl_module.named_modules() if isinstance(m, WEIGHTED)), None)
         for g in self.groups:
             if g.producers != (first,) or g.norm is not None or g.activation == "identity":
                 continue

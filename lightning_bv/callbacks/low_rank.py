@@ -8,9 +8,10 @@ from typing import Any, cast
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
-from torch import Tensor, nn
+from torch import Tensor
 from typing_extensions import override
 
+from lightning_bv._layers import WEIGHTED
 from lightning_bv._select import Targets, _check_targets, _matches, named_modules, select_names, show
 from lightning_bv.callbacks._base import CallbackBase, configure_model_first, refuse_sharded, warn_if_spawned
 from lightning_bv.neurons import is_null_space
@@ -22,8 +23,6 @@ from lightning_bv.transforms.low_rank import (
     is_low_rank,
     low_rank_rank,
 )
-
-_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
 class LowRank(CallbackBase):
@@ -143,7 +142,7 @@ class LowRank(CallbackBase):
         low = {}
         for name in names:
             module = modules[name]
-            if not isinstance(module, _LAYERS) or (named and _matches(name, named)):
+            if not isinstance(module, WEIGHTED) or (named and _matches(name, named)):
                 continue
             weight = cast(Tensor, module.weight)
             max_rank = min(int(weight.shape[0]), math.prod(weight.shape[1:]))

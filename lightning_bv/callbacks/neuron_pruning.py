@@ -5,8 +5,6 @@ from __future__ import annotations
 import copy
 import functools
 import itertools
-import math
-import numbers
 import os
 from typing import Any
 
@@ -16,6 +14,7 @@ from pytorch_lightning.utilities import rank_zero_warn
 from torch import Tensor, nn
 from typing_extensions import override
 
+from lightning_bv._checks import check_tol
 from lightning_bv._select import Targets, _check_targets
 from lightning_bv.callbacks._base import (
     CallbackBase,
@@ -94,8 +93,7 @@ class NeuronPruning(CallbackBase):
         targets: Targets = None,
         exclude: Targets = None,
     ) -> None:
-        if isinstance(tol, bool) or not isinstance(tol, numbers.Real) or not math.isfinite(tol) or tol < 0:
-            raise ValueError(f"`tol` must be a finite float >= 0 (neurons with score <= tol are removed), got {tol!r}")
+        check_tol(tol)
         _check_interval("every_n_epochs", every_n_epochs, allow_none=True)
         if not isinstance(on_fit_end, bool):
             raise ValueError(f"`on_fit_end` must be a bool, got {on_fit_end!r}")

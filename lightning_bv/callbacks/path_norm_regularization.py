@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import math
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
@@ -13,6 +12,7 @@ from pytorch_lightning.utilities import rank_zero_warn
 from torch import Tensor
 from typing_extensions import override
 
+from lightning_bv._checks import check_choice, check_lam_schedule, check_q, check_scheduled_lam
 from lightning_bv._select import Targets, _check_targets
 from lightning_bv.callbacks._base import (
     CallbackBase,
@@ -132,21 +132,17 @@ class PathNormRegularization(CallbackBase):
         on_nonfinite: str = "raise",
         lift_shared: bool | None = None,
     ) -> None:
-        if not callable(lam) and (
-            isinstance(lam, bool) or not isinstance(lam, (int, float)) or not math.isfinite(lam) or lam < 0
-        ):
-            raise ValueError(f"`lam` must be a finite float >= 0 or a callable of the global step, got {lam!r}")
-        if q not in (1, 2) or isinstance(q, bool):
-            raise ValueError(f"`q` must be 1 or 2 (the norm on each neuron's output weights), got {q!r}")
-        if mode not in MODES:
-            raise ValueError(f"`mode` must be one of {MODES}, got {mode!r}")
+        check_lam_schedule(lam)
+        check_q(q)
+        check_choice("mode", mode, MODES)
         _check_interval("every_n_steps", every_n_steps, allow_none=True)
         _check_interval("log_every_n_steps", log_every_n_steps, allow_none=True)
-        if on_nonfinite not in ON_NONFINITE:
-            raise ValueError(
-                f"`on_nonfinite` must be one of {ON_NONFINITE} (stop, or skip the update of a group whose weights are "
-                f"NaN or infinite), got {on_nonfinite!r}"
-            )
+        check_choice(
+            "on_nonfinite",
+            on_nonfinite,
+            ON_NONFINITE,
+            "stop, or skip the update of a group whose weights are NaN or infinite",
+        )
         if lift_shared is not None and not isinstance(lift_shared, bool):
             raise TypeError(
                 f"`lift_shared` must be None (on for mode='prox'), True or False, got {type(lift_shared).__name__} "
@@ -184,10 +180,7 @@ class PathNormRegularization(CallbackBase):
     # -- discovery -------------------------------------------------------------------------------------------
     def current_lam(self, step: int) -> float:
         """``lam`` at this global step."""
-        lam = float(self.lam(step)) if callable(self.lam) else float(self.lam)
-        if not math.isfinite(lam) or lam < 0:
-            raise ValueError(f"`lam` returned {lam!r} at global step {step}; it must be a finite float >= 0")
-        return lam
+        return check_scheduled_lam(float(self.lam(step)) if callable(self.lam) else float(self.lam), step)
 
     def _found(self, groups: NeuronGroups) -> None:
         self.groups = groups

@@ -15,6 +15,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from lightning_bv._checks import check_choice
+from lightning_bv._checks import check_lam as _check_lam
+from lightning_bv._checks import check_q as _check_q
 from lightning_bv._sharding import all_reduce_, local
 from lightning_bv.neurons import NeuronGroup, Slot
 
@@ -78,26 +81,8 @@ def _check_tau(tau: object, glist: list[NeuronGroup]) -> dict[str, float | Tenso
     return dict.fromkeys(names, value)
 
 
-def _check_q(q: object) -> int:
-    if q not in (1, 2) or isinstance(q, bool):
-        raise ValueError(f"`q` must be 1 or 2 (the norm on each neuron's output weights), got {q!r}")
-    return int(q)  # type: ignore[call-overload]
-
-
-def _check_lam(lam: object) -> float:
-    if isinstance(lam, bool) or not isinstance(lam, (numbers.Real, Tensor)) or isinstance(lam, Tensor) and lam.dim():
-        raise TypeError(f"`lam` must be a number (the regularization strength), got {type(lam).__name__}")
-    if not math.isfinite(float(lam)) or float(lam) < 0:
-        raise ValueError(f"`lam` must be a finite value >= 0, got {lam!r}")
-    return float(lam)
-
-
 def _check_nonfinite(on_nonfinite: object) -> str:
-    if on_nonfinite not in NONFINITE:
-        raise ValueError(
-            f"`on_nonfinite` must be one of {NONFINITE} (what to do with a group whose weights are NaN or infinite), "
-            f"got {on_nonfinite!r}"
-        )
+    check_choice("on_nonfinite", on_nonfinite, NONFINITE, "what to do with a group whose weights are NaN or infinite")
     return str(on_nonfinite)
 
 

@@ -134,7 +134,8 @@ def prox_thresholds(
         >>> round(taus["0"], 6)  # lam * lr / (1 - momentum)
         0.01
     """
-    from lightning_bv.functional.rbv import _as_list, _check_lam
+    from lightning_bv._checks import check_lam as _check_lam
+    from lightning_bv.functional.rbv import _as_list
 
     lam = _check_lam(lam)
     glist = _as_list(groups)

@@ -27,6 +27,8 @@ import torchmetrics
 from torch import Tensor, nn
 from typing_extensions import override
 
+from lightning_bv._layers import WEIGHTED
+
 TASKS = ("classification", "regression")
 OPTIMIZERS = ("adam", "adamw", "sgd")
 _STAGES = ("train", "val", "test")
@@ -49,7 +51,7 @@ def _features(model: nn.Module, attr: str) -> int | None:
     value = getattr(model, attr, None)
     if isinstance(value, int) and not isinstance(value, bool) and value >= 1:
         return value
-    layers = [m for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d))]
+    layers = [m for m in model.modules() if isinstance(m, WEIGHTED)]
     if not layers:
         return None
     layer = layers[0] if attr == "in_features" else layers[-1]

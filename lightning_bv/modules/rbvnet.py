@@ -21,14 +21,16 @@ import numbers
 import torch
 from torch import Tensor, nn
 
+from lightning_bv._layers import null_space
+
 
 class RBVBlock(nn.Module):
     """One shallow ReLU block ``z -> fc2(relu(fc1(z))) + skip(z)``.
 
     ``fc1`` (``d_in -> width``) produces the block's ``width`` neurons, ``fc2`` (``width -> d_out``, no activation)
-    consumes them, and ``skip`` (``d_in -> d_out``) is the affine null-space term ``C z + c``, marked
-    ``_lbv_null_space = True``: it reads the block input, not the neurons, so it belongs to no neuron group and is not
-    charged by the path-norm penalty.
+    consumes them, and ``skip`` (``d_in -> d_out``) is the affine null-space term ``C z + c``, a Linear marked as a
+    skip path: it reads the block input, not the neurons, so it belongs to no neuron group and is not charged by the
+    path-norm penalty.
 
     Initialization: ``fc1`` Kaiming-uniform for ReLU (fan-in), default bias; ``fc2`` Kaiming-uniform with gain 1
     (variance-preserving), zero bias; ``skip`` zero (weight and bias), so at initialization the block is the plain
@@ -54,8 +56,7 @@ class RBVBlock(nn.Module):
         self.fc1 = nn.Linear(d_in, width)
         self.act = nn.ReLU()
         self.fc2 = nn.Linear(width, d_out)
-        self.skip = nn.Linear(d_in, d_out)
-        self.skip._lbv_null_space = True  # type: ignore[assignment]
+        self.skip = null_space(nn.Linear(d_in, d_out))
         self.reset_parameters()
 
     def reset_parameters(self) -> None:

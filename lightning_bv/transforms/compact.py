@@ -39,8 +39,6 @@ Example:
 
 from __future__ import annotations
 
-import math
-import numbers
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, cast
@@ -50,18 +48,21 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.nn.utils import parametrize
 
+from lightning_bv._checks import check_tol as _check_tol
+from lightning_bv._layers import ANY_BATCH_NORM as _BN
+from lightning_bv._layers import CONVS as _CONVS
+from lightning_bv._layers import FACTOR_U as _U
+from lightning_bv._layers import FACTOR_V as _V
+from lightning_bv._layers import U_KEY, V_KEY, WEIGHTED, low_rank_factors, low_rank_weight, weight_parametrizations
 from lightning_bv._sharding import refuse_split
 from lightning_bv.functional.rbv import group_norms
-from lightning_bv.neurons import GroupedSlot, NeuronGroup, NeuronGroups, Slot, find_neurons, is_conv1d, low_rank_factors
+from lightning_bv.neurons import GroupedSlot, NeuronGroup, NeuronGroups, Slot, find_neurons, is_conv1d
 from lightning_bv.transforms.lift import is_lifted
 from lightning_bv.transforms.low_rank import remove_low_rank
 from lightning_bv.transforms.resize import _take
 from lightning_bv.transforms.resize import resize_to_state_dict_ as resize_to_state_dict_  # re-exported
 from lightning_bv.transforms.resize import slice_optimizer_state_ as slice_optimizer_state_  # re-exported
 
-_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-_BN = nn.modules.batchnorm._BatchNorm
-_U, _V = "parametrizations.weight.original0", "parametrizations.weight.original1"
 # (slot param, slot dim) -> the module axis that holds the neurons
 _AXIS = {("weight", 0): "out", ("bias", 0): "out", ("weight", 1): "in", (_V, 0): "rank", (_U, 1): "rank"}
 _AXIS_CONV1D = {("weight", 1): "out", ("bias", 0): "out", ("weight", 0): "in"}  # HF Conv1D: weight [in, out]
@@ -319,12 +320,6 @@ def _unfactor(g: NeuronGroup, merged: list[nn.Module]) -> None:
 # ------------------------------------------------------------------------------------------------------------
 # checks
 # ------------------------------------------------------------------------------------------------------------
-def _check_tol(tol: object) -> float:
-    if isinstance(tol, bool) or not isinstance(tol, numbers.Real) or not math.isfinite(tol) or tol < 0:
-        raise ValueError(f"`tol` must be a finite float >= 0 (neurons with score <= tol are removed), got {tol!r}")
-    return float(tol)
-
-
 def _check_model(model: object) -> None:
     if not isinstance(model, nn.Module):
         raise TypeError(f"`model` must be an nn.Module, got {type(model).__name__}")
@@ -407,7 +402,7 @@ class _ModelIndex:
             raise _CannotShrink(f"'{name}' is a {type(m).__name__}, not a BatchNorm")
         if kind == "prelu" and not isinstance(m, nn.PReLU):
             raise _CannotShrink(f"its per-neuron activation slopes are in '{name}' ({type(m).__name__}), not a PReLU")
-        if kind == "layer" and not (isinstance(m, (nn.Linear, *_CONVS)) or is_conv1d(m)):
+        if kind == "layer" and not (isinstance(m, WEIGHTED) or is_conv1d(m)):
             raise _CannotShrink(f"'{name}' is a {type(m).__name__}, which compact cannot shrink (Linear/Conv only)")
         low_rank = _check_parametrizations(name, m)
         allowed = {"bias"} if low_rank else {"weight"} if kind == "prelu" else {"weight", "bias"}
@@ -846,9 +841,9 @@ def _module_plan(c: _Change, param_map: ParamMap) -> list[tuple[nn.Module, str, 
         u, v = factors
         kernel = v.shape[1] // m.weight.shape[1]
         cols = None if inp is None else (inp[:, None] * kernel + torch.arange(kernel)).flatten()
-        plist = m.parametrizations["weight"]
-        param(plist, "original0", (out, rank))
-        param(plist, "original1", (rank, cols))
+        plist = weight_parametrizations(m)
+        param(plist, U_KEY, (out, rank))
+        param(plist, V_KEY, (rank, cols))
         shape = list(m.weight.shape)
     param(m, "bias", (out,))
     is_linear = isinstance(m, nn.Linear)
@@ -859,7 +854,7 @@ def _module_plan(c: _Change, param_map: ParamMap) -> list[tuple[nn.Module, str, 
     if shape is not None:
         shape[0] = shape[0] if out is None else int(out.numel())
         shape[1] = shape[1] if inp is None else int(inp.numel())
-        lrw = next(p for p in m.parametrizations["weight"] if getattr(p, "lbv_low_rank", False))
+        lrw = cast(nn.Module, low_rank_weight(m))
         plan.append((lrw, "weight_shape", tuple(shape)))
         if rank is not None:
             plan.append((lrw, "rank", int(rank.numel())))

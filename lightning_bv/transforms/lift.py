@@ -39,6 +39,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
+from lightning_bv._layers import WEIGHTED
 from lightning_bv._sharding import refuse_split
 from lightning_bv.functional.rbv import prox_
 from lightning_bv.neurons import NeuronGroup, NeuronGroups, find_neurons, low_rank_factors, own_factors, shared_weights
@@ -74,7 +75,7 @@ def is_lifted(module: nn.Module) -> bool:
 
 
 def _why_not(name: str, module: Any, aliases: dict[int, list[str]]) -> str:
-    if not isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+    if not isinstance(module, WEIGHTED):
         return f"it is a {type(module).__name__}, not a Linear/Conv layer"
     if parametrize.is_parametrized(module, "weight"):
         return "its weight already has a parametrization (someone else's): it cannot be factorized as well"

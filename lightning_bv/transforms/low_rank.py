@@ -4,8 +4,8 @@ docs/theory.md 5: between two ReLU layers the product ``W_{l+1} V_l`` has rank a
 deep network of the representer theorem has low-rank weight matrices. :func:`apply_low_rank` writes the ``weight`` of
 each targeted ``nn.Linear`` / ``nn.Conv1d/2d/3d`` as ``U @ V`` through :mod:`torch.nn.utils.parametrize`:
 
-* ``module.parametrizations.weight.original0`` is ``U`` of shape ``[out, r]``;
-* ``module.parametrizations.weight.original1`` is ``V`` of shape ``[r, in * prod(kernel_size)]``;
+* ``module.parametrizations.weight.original0`` (``FACTOR_U``) is ``U`` of shape ``[out, r]``;
+* ``module.parametrizations.weight.original1`` (``FACTOR_V``) is ``V`` of shape ``[r, in * prod(kernel_size)]``;
 * ``module.weight`` is ``(U @ V).reshape(weight_shape)``, recomputed at each access.
 
 ``U`` and ``V`` start from the truncated SVD of the current weight, with the square root of the singular values on each
@@ -44,54 +44,15 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 from torch.nn.utils import parametrize
 
+from lightning_bv._layers import CONVS as _CONVS
+from lightning_bv._layers import U_KEY, V_KEY, has_low_rank_weight, svd_dtype
+from lightning_bv._layers import WEIGHTED as _WEIGHTED
+from lightning_bv._layers import WEIGHTED_NAMES as _SUPPORTED
+from lightning_bv._layers import LowRankWeight as LowRankWeight  # re-exported
+from lightning_bv._layers import low_rank_factors as low_rank_factors  # re-exported
+from lightning_bv._layers import weight_parametrizations as _plist
 from lightning_bv._select import Targets, named_modules, select_names, show
 from lightning_bv._sharding import full, refuse_split
-from lightning_bv.neurons import low_rank_factors
-
-_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-_SUPPORTED = "nn.Linear, nn.Conv1d, nn.Conv2d or nn.Conv3d"
-
-
-class LowRankWeight(nn.Module):
-    """Parametrization ``(U, V) -> (U @ V).reshape(weight_shape)`` of a Linear/Conv weight.
-
-    Register it with ``register_parametrization(module, "weight", LowRankWeight(rank, shape), unsafe=True)``;
-    :meth:`right_inverse` turns a dense weight into its rank-``rank`` SVD factors. :func:`apply_low_rank` does this.
-
-    Args:
-        rank: number of rank-1 components ``r``.
-        weight_shape: shape of the dense weight, ``[out, in, *kernel_size]``.
-
-    Example:
-        >>> p = LowRankWeight(2, (3, 4))
-        >>> U, V = p.right_inverse(torch.randn(3, 4))
-        >>> tuple(U.shape), tuple(V.shape), tuple(p(U, V).shape)
-        ((3, 2), (2, 4), (3, 4))
-
-    """
-
-    lbv_low_rank = True
-    lifted = False  # True when lift_shared_weights made it (a full-rank product that compact merges back)
-
-    def __init__(self, rank: int, weight_shape: tuple[int, ...]) -> None:
-        super().__init__()
-        self.rank = int(rank)
-        self.weight_shape = tuple(int(s) for s in weight_shape)
-
-    def forward(self, U: Tensor, V: Tensor) -> Tensor:  # noqa: N803
-        return (U @ V).reshape(self.weight_shape)
-
-    def right_inverse(self, weight: Tensor) -> tuple[Tensor, Tensor]:
-        """Return ``(U, V)``: the rank-``rank`` truncated SVD of ``weight`` with ``sqrt(S)`` on each side."""
-        matrix = weight.detach().reshape(weight.shape[0], -1)
-        u, s, vh = torch.linalg.svd(_svd_dtype(matrix), full_matrices=False)
-        root = s[: self.rank].sqrt()
-        U = (u[:, : self.rank] * root).to(weight.dtype).contiguous()  # noqa: N806
-        V = (root[:, None] * vh[: self.rank]).to(weight.dtype).contiguous()  # noqa: N806
-        return U, V
-
-    def extra_repr(self) -> str:
-        return f"rank={self.rank}, weight_shape={self.weight_shape}" + (", lifted=True" if self.lifted else "")
 
 
 def is_low_rank(module: nn.Module) -> bool:
@@ -103,9 +64,7 @@ def is_low_rank(module: nn.Module) -> bool:
         (False, True)
 
     """
-    if not parametrize.is_parametrized(module, "weight"):
-        return False
-    return any(getattr(p, "lbv_low_rank", False) for p in _plist(module))
+    return has_low_rank_weight(module)
 
 
 def low_rank_rank(module: nn.Module) -> int:
@@ -316,16 +275,16 @@ def _factorized(module: Any) -> nn.Sequential:
 
 def _resize_factors_on_load(plist: Any, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
     """Load-state-dict pre-hook: take the rank of the saved factors when it differs from the current one."""
-    U, V = state_dict.get(prefix + "original0"), state_dict.get(prefix + "original1")  # noqa: N806
-    old_u, old_v = plist.original0, plist.original1
+    U, V = state_dict.get(prefix + U_KEY), state_dict.get(prefix + V_KEY)  # noqa: N806
+    old_u, old_v = getattr(plist, U_KEY), getattr(plist, V_KEY)
     if not (isinstance(U, Tensor) and isinstance(V, Tensor)) or (U.shape, V.shape) == (old_u.shape, old_v.shape):
         return
     if U.ndim != 2 or V.ndim != 2 or U.shape[1] != V.shape[0] or U.shape[0] != old_u.shape[0]:
         return  # let load_state_dict report the size mismatch
     if V.shape[1] != old_v.shape[1]:
         return
-    plist.original0 = nn.Parameter(old_u.new_empty(U.shape), requires_grad=old_u.requires_grad)
-    plist.original1 = nn.Parameter(old_v.new_empty(V.shape), requires_grad=old_v.requires_grad)
+    setattr(plist, U_KEY, nn.Parameter(old_u.new_empty(U.shape), requires_grad=old_u.requires_grad))
+    setattr(plist, V_KEY, nn.Parameter(old_v.new_empty(V.shape), requires_grad=old_v.requires_grad))
     for p in plist:  # type: ignore[attr-defined]
         if isinstance(p, LowRankWeight):
             p.rank = int(U.shape[1])
@@ -356,7 +315,7 @@ def _check_rank_energy(rank: Any, energy: Any) -> None:
 
 def _candidate_names(model: nn.Module, modules: dict[str, nn.Module], targets: Targets) -> list[str]:
     """The names ``targets`` is matched against: every module, or only the Linear/Conv layers when it is ``None``."""
-    names = [n for n in modules if targets is not None or isinstance(modules[n], (nn.Linear, *_CONVS))]
+    names = [n for n in modules if targets is not None or isinstance(modules[n], _WEIGHTED)]
     if not names:
         raise ValueError(f"`model` ({type(model).__name__}) contains no {_SUPPORTED} layer to make low-rank")
     return names
@@ -439,17 +398,9 @@ def _apply_ranks(modules: dict[str, nn.Module], ranks: dict[str, int]) -> None:
         raise
 
 
-def _plist(module: nn.Module) -> Any:
-    return cast(Any, module).parametrizations["weight"]
-
-
-def _svd_dtype(matrix: Tensor) -> Tensor:
-    return matrix if matrix.dtype in (torch.float32, torch.float64) else matrix.float()
-
-
 def _energy_rank(weight: Tensor, energy: float) -> int:
     with torch.no_grad():
-        s = torch.linalg.svdvals(_svd_dtype(weight.detach().reshape(weight.shape[0], -1))).double()
+        s = torch.linalg.svdvals(svd_dtype(weight.detach().reshape(weight.shape[0], -1))).double()
     cum = torch.cumsum(s * s, 0)
     return min(int((cum < energy * cum[-1]).sum()) + 1, s.numel())
 
@@ -460,7 +411,7 @@ def _matrix_shape(module: nn.Module) -> tuple[int, int]:
 
 
 def _check_supported(name: str, module: Any) -> None:
-    if not isinstance(module, (nn.Linear, *_CONVS)):
+    if not isinstance(module, _WEIGHTED):
         raise TypeError(
             f"`targets` selected {show(name)} ({type(module).__name__}), which is not an {_SUPPORTED}. "
             "Only those layers can be made low-rank; narrow `targets` or add the name to `exclude`."

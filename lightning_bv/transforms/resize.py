@@ -17,11 +17,11 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from lightning_bv.neurons import is_conv1d, low_rank_factors
-
-_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-_BN = nn.modules.batchnorm._BatchNorm
-_U, _V = "parametrizations.weight.original0", "parametrizations.weight.original1"
+from lightning_bv._layers import ANY_BATCH_NORM as _BN
+from lightning_bv._layers import FACTOR_U as _U
+from lightning_bv._layers import FACTOR_V as _V
+from lightning_bv._layers import WEIGHTED, low_rank_factors, low_rank_weight, set_low_rank_factors
+from lightning_bv.neurons import is_conv1d
 
 
 @torch.no_grad()
@@ -122,7 +122,7 @@ def _restructure(m: Any, saved: dict[str, Tensor]) -> bool:
     For ``grow=True``: a checkpoint saved before compaction holds the factors of a product that compaction merged
     into one dense weight (or the other way round); the values come from the state_dict right after.
     """
-    if not isinstance(m, (nn.Linear, *_CONVS)) or getattr(m, "groups", 1) != 1:
+    if not isinstance(m, WEIGHTED) or getattr(m, "groups", 1) != 1:
         return False
     factors = low_rank_factors(m)
     if factors is None and _U in saved and _V in saved and "weight" not in saved:
@@ -163,7 +163,7 @@ def _resize_module(m: Any, saved: dict[str, Tensor], grow: bool = False) -> bool
         m.weight, m.bias = fresh(m.weight, tuple(w.shape)), fresh(m.bias, (int(w.shape[1]),))
         m.nx, m.nf = int(w.shape[0]), int(w.shape[1])
         return True
-    if not isinstance(m, (nn.Linear, *_CONVS)):
+    if not isinstance(m, WEIGHTED):
         return False
     if getattr(m, "groups", 1) != 1:
         return _resize_grouped(m, saved, fresh)
@@ -187,9 +187,8 @@ def _resize_module(m: Any, saved: dict[str, Tensor], grow: bool = False) -> bool
         out, inp = int(u.shape[0]), int(v.shape[1]) // max(math.prod(kernel), 1)
         if (out > old_out or inp > old_in) and not grow:
             return False
-        plist: Any = cast(Any, m).parametrizations["weight"]
-        plist.original0, plist.original1 = fresh(factors[0], tuple(u.shape)), fresh(factors[1], tuple(v.shape))
-        lrw = next(p for p in plist if getattr(p, "lbv_low_rank", False))
+        set_low_rank_factors(m, fresh(factors[0], tuple(u.shape)), fresh(factors[1], tuple(v.shape)))
+        lrw = cast(Any, low_rank_weight(m))
         lrw.weight_shape, lrw.rank = (out, inp, *kernel), int(u.shape[1])
     if m.bias is not None:
         m.bias = fresh(m.bias, (out,))

@@ -3,7 +3,7 @@
 THEORY.md section 5: a block of the representer theorem is ``z -> V relu(W z - b) + C z + c``; the affine term
 ``C z + c`` is the null space of the R-BV^2 seminorm and is not regularized. :func:`add_skip` wraps a module ``f`` in
 :class:`AffineSkip`, which computes ``f(x) + skip(x)``. The affine ``skip`` starts at zero, so the model computes the
-same function right after insertion, and it is marked ``_lbv_null_space = True``: neuron discovery never charges it
+same function right after insertion, and it is marked as a skip path (``NullSpace``): neuron discovery never charges it
 with the path-norm penalty but rescales it with the neurons it reads.
 
 The wrapper replaces ``f`` in its parent under the same attribute name, so state_dict keys move: ``fc.weight`` becomes
@@ -34,9 +34,10 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
+from lightning_bv._layers import CONVS as _CONVS
+from lightning_bv._layers import is_null_space, null_space
 from lightning_bv._select import named_modules, select_names, show
 
-_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _KINDS = ("affine", "identity")
 
 
@@ -45,7 +46,7 @@ class AffineSkip(nn.Module):
 
     Args:
         module: the wrapped module ``f``.
-        skip: the skip path: an affine layer marked ``_lbv_null_space = True`` (see :func:`affine_skip_for`) or
+        skip: the skip path: an affine layer marked as a skip path (see :func:`affine_skip_for`) or
             :class:`nn.Identity`.
 
     Example:
@@ -147,7 +148,7 @@ def _add_skip(
     plan: list[tuple[str, nn.Module, nn.Module]] = []
     for name in picked:
         module = modules[name]
-        if is_skip(module) or id(module) in skip_paths or getattr(module, "_lbv_null_space", False):
+        if is_skip(module) or id(module) in skip_paths or is_null_space(module):
             raise ValueError(f"`targets` selected {show(name)}, which is already a skip connection or part of one")
         if kind == "affine":
             skip = affine_skip_for(module, name, shapes.get(name))
@@ -218,7 +219,7 @@ def remove_skip(model: nn.Module, merge: bool = False, targets: Union[str, Seque
 
 
 def affine_skip_for(module: nn.Module, name: str = "", shape: Optional[tuple[Any, Any]] = None) -> nn.Module:
-    """Return a zero-initialized affine map with ``module``'s input and output shapes, marked ``_lbv_null_space``.
+    """Return a zero-initialized affine map with ``module``'s input and output shapes, marked as a skip path.
 
     Args:
         module: a Linear/Conv layer, or a module with ``in_features``/``out_features``.
@@ -256,8 +257,7 @@ def affine_skip_for(module: nn.Module, name: str = "", shape: Optional[tuple[Any
     with torch.no_grad():
         for p in skip.parameters():
             p.zero_()
-    skip._lbv_null_space = True  # type: ignore[assignment]
-    return skip
+    return null_space(skip)
 
 
 _SizedSeq = tuple[str, int, int, tuple[int, ...], tuple[int, ...], int]  # kind, in, out, stride, padding, dims

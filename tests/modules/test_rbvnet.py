@@ -2,6 +2,7 @@ import pytest
 import torch
 from torch import nn
 
+from lightning_bv._layers import is_null_space
 from lightning_bv.modules.rbvnet import RBVBlock, RBVNet
 
 ARGS = {"in_features": 3, "out_features": 2, "width": 16, "bottleneck": 4, "depth": 3}
@@ -21,7 +22,7 @@ def test_shapes_forward_and_parameter_count(depth):
         assert tuple(block.fc1.weight.shape) == (12, dims[i])
         assert tuple(block.fc2.weight.shape) == (dims[i + 1], 12)
         assert tuple(block.skip.weight.shape) == (dims[i + 1], dims[i])
-        assert block.skip._lbv_null_space is True
+        assert is_null_space(block.skip)
         assert isinstance(block.act, nn.ReLU)
     expected = sum(param_count(dims[i], 12, dims[i + 1]) for i in range(depth))
     assert sum(p.numel() for p in net.parameters()) == expected
