@@ -35,24 +35,24 @@ Example:
 
 from __future__ import annotations
 
-import math
-import numbers
-from typing import Any, Optional, cast
+from typing import Any, Optional
 
 import torch
 from torch import Tensor, nn
-from torch.nn import functional as F
 from torch.nn.utils import parametrize
 
-from lightning_bv._layers import CONVS as _CONVS
-from lightning_bv._layers import U_KEY, V_KEY, has_low_rank_weight, svd_dtype
-from lightning_bv._layers import WEIGHTED as _WEIGHTED
-from lightning_bv._layers import WEIGHTED_NAMES as _SUPPORTED
+from lightning_bv._layers import U_KEY, V_KEY, has_low_rank_weight
 from lightning_bv._layers import LowRankWeight as LowRankWeight  # re-exported
 from lightning_bv._layers import low_rank_factors as low_rank_factors  # re-exported
 from lightning_bv._layers import weight_parametrizations as _plist
-from lightning_bv._select import Targets, named_modules, select_names, show
-from lightning_bv._sharding import full, refuse_split
+from lightning_bv._select import Targets, named_modules, select_names
+from lightning_bv._sharding import full
+from lightning_bv.transforms._factored import _factored_class, _plain_class
+from lightning_bv.transforms._factored import factorize as factorize  # re-exported
+from lightning_bv.transforms._low_rank_checks import _candidate_names as _candidate_names  # used by the callback
+from lightning_bv.transforms._low_rank_checks import _check_model
+from lightning_bv.transforms._low_rank_checks import _check_rank_energy as _check_rank_energy  # used by the callback
+from lightning_bv.transforms._low_rank_checks import _layer_rank as _layer_rank  # used by the callback
 
 
 def is_low_rank(module: nn.Module) -> bool:
@@ -201,78 +201,6 @@ def _merge_factors_(module: Any) -> None:
         module._parameters["bias"] = bias
 
 
-def factorize(model: nn.Module) -> nn.Module:
-    """Replace each low-rank layer by two small layers computing the same function (faster when ``r`` is small).
-
-    A Linear ``in -> out`` of rank ``r`` becomes ``nn.Sequential(Linear(in, r, bias=False), Linear(r, out))``; a conv
-    becomes ``nn.Sequential(ConvNd(in, r, <same kernel, stride, padding, dilation, padding_mode>, bias=False),
-    ConvNd(r, out, 1))``. The bias moves to the second layer. Layers are replaced in their parent by attribute name,
-    so state_dict keys change (``fc.weight`` -> ``fc.0.weight``, ``fc.1.weight``, ``fc.1.bias``); hooks on a replaced
-    layer are not carried over.
-
-    Returns:
-        The model, changed in place; if ``model`` itself is low-rank, the new :class:`nn.Sequential` (use the return
-        value).
-
-    Example:
-        >>> model = apply_low_rank(nn.Sequential(nn.Linear(8, 8), nn.ReLU()), rank=2)
-        >>> x = torch.randn(3, 8)
-        >>> y = model(x)
-        >>> model = factorize(model)
-        >>> model[0]
-        Sequential(
-          (0): Linear(in_features=8, out_features=2, bias=False)
-          (1): Linear(in_features=2, out_features=8, bias=True)
-        )
-        >>> torch.allclose(model(x), y, atol=1e-6)
-        True
-
-    """
-    _check_model(model)
-    replacements = [(name, _factorized(module)) for name, module in model.named_modules() if is_low_rank(module)]
-    for name, new in replacements:
-        if name == "":
-            return new
-        parent_name, _, attr = name.rpartition(".")
-        setattr(model.get_submodule(parent_name), attr, new)
-    return model
-
-
-def _factorized(module: Any) -> nn.Sequential:
-    factors = low_rank_factors(module)
-    assert factors is not None
-    U, V = factors  # noqa: N806
-    r = U.shape[1]
-    bias = module.bias
-    kw: dict[str, Any] = {"device": U.device, "dtype": U.dtype}
-    if isinstance(module, nn.Linear):
-        first: Any = nn.Linear(module.in_features, r, bias=False, **kw)
-        second: Any = nn.Linear(r, module.out_features, bias=bias is not None, **kw)
-    else:
-        conv = parametrize.type_before_parametrizations(module)
-        first = conv(
-            module.in_channels,
-            r,
-            module.kernel_size,
-            stride=module.stride,
-            padding=module.padding,
-            dilation=module.dilation,
-            bias=False,
-            padding_mode=module.padding_mode,
-            **kw,
-        )
-        second = conv(r, module.out_channels, 1, bias=bias is not None, **kw)
-    with torch.no_grad():
-        first.weight.copy_(V.reshape(first.weight.shape))
-        second.weight.copy_(U.reshape(second.weight.shape))
-        first.weight.requires_grad_(V.requires_grad)
-        second.weight.requires_grad_(U.requires_grad)
-        if bias is not None:
-            second.bias.copy_(bias)
-            second.bias.requires_grad_(bias.requires_grad)
-    return nn.Sequential(first, second).train(module.training)
-
-
 def _resize_factors_on_load(plist: Any, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
     """Load-state-dict pre-hook: take the rank of the saved factors when it differs from the current one."""
     U, V = state_dict.get(prefix + U_KEY), state_dict.get(prefix + V_KEY)  # noqa: N806
@@ -288,92 +216,6 @@ def _resize_factors_on_load(plist: Any, state_dict: dict[str, Any], prefix: str,
     for p in plist:  # type: ignore[attr-defined]
         if isinstance(p, LowRankWeight):
             p.rank = int(U.shape[1])
-
-
-def _check_model(model: object) -> None:
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"`model` must be an nn.Module, got {type(model).__name__}")
-    refuse_split(model, "apply_low_rank")
-
-
-def _check_rank_energy(rank: Any, energy: Any) -> None:
-    """Validate the ``rank``/``energy`` arguments of :func:`apply_low_rank` (shared with the ``LowRank`` callback)."""
-    if (rank is None) == (energy is None):
-        raise ValueError(
-            f"Give exactly one of `rank` and `energy`, got rank={rank!r} and energy={energy!r}. "
-            "`rank` fixes the rank of every layer; `energy` picks it per layer from the singular values."
-        )
-    if rank is not None and (isinstance(rank, bool) or not isinstance(rank, numbers.Integral) or rank < 1):
-        raise ValueError(f"`rank` must be an int >= 1, got {rank!r}")
-    if energy is not None and (
-        isinstance(energy, bool) or not isinstance(energy, numbers.Real) or not 0.0 < float(energy) <= 1.0
-    ):
-        raise ValueError(
-            f"`energy` must be a float in (0, 1] (the fraction of squared singular values kept), got {energy!r}"
-        )
-
-
-def _candidate_names(model: nn.Module, modules: dict[str, nn.Module], targets: Targets) -> list[str]:
-    """The names ``targets`` is matched against: every module, or only the Linear/Conv layers when it is ``None``."""
-    names = [n for n in modules if targets is not None or isinstance(modules[n], _WEIGHTED)]
-    if not names:
-        raise ValueError(f"`model` ({type(model).__name__}) contains no {_SUPPORTED} layer to make low-rank")
-    return names
-
-
-def _layer_rank(name: str, module: Any, rank: Optional[int], energy: Optional[float]) -> int:
-    """Check that ``module`` can be made low-rank and return its rank (``rank``, or the one ``energy`` picks)."""
-    _check_supported(name, module)
-    if rank is None:
-        assert energy is not None
-        return _energy_rank(module.weight, float(energy))
-    out_dim, in_dim = _matrix_shape(module)
-    max_rank = min(out_dim, in_dim)
-    if rank > max_rank:
-        raise ValueError(
-            f"`rank`={rank} is too large for layer {show(name)} ({_describe(module)}): its weight is a "
-            f"{out_dim} x {in_dim} matrix, so the rank must be <= {max_rank}. Use `exclude` to skip it, "
-            "or `energy=` for a per-layer rank."
-        )
-    return int(rank)
-
-
-class _FactoredForward:
-    """Mixed into a low-rank ``nn.Linear``: compute ``(x V^T) U^T`` instead of ``x (U V)^T`` when that is cheaper.
-
-    The parametrization materializes ``W = U V`` at every forward (``out * r * in`` multiply-adds, and twice that in
-    the backward pass) before the layer's own ``N * out * in``; the two thin products cost ``N * r * (in + out)``.
-    For a lifted ``1024 x 1024`` layer at batch 256 that is 2.5x fewer. The result is the same function (rounding
-    aside). Under a ``TorchFunctionMode`` (neuron discovery, ``path_norm``) the layer computes ``W`` as before, so
-    they see one linear op with the effective weight.
-    """
-
-    def forward(self, input: Tensor) -> Tensor:  # noqa: A002
-        factors = low_rank_factors(self)  # type: ignore[arg-type]
-        if factors is not None and not torch._C._is_torch_function_mode_enabled():
-            U, V = factors  # noqa: N806
-            out_f, r, in_f = U.shape[0], V.shape[0], V.shape[1]
-            n = input.numel() // max(in_f, 1)
-            if n * r * (in_f + out_f) < out_f * in_f * (r + n):
-                return F.linear(F.linear(input, V), U, self.bias)  # type: ignore[attr-defined]
-        return super().forward(input)  # type: ignore[misc]
-
-
-_FACTORED: dict[type, type] = {}
-
-
-def _factored_class(cls: type) -> type:
-    """``cls`` (an ``nn.Linear`` class) with :class:`_FactoredForward` mixed in; other classes unchanged."""
-    if not issubclass(cls, nn.Linear) or issubclass(cls, _FactoredForward):
-        return cls
-    if cls not in _FACTORED:
-        _FACTORED[cls] = type(cls.__name__, (_FactoredForward, cls), {"_lbv_plain": cls, "__module__": __name__})
-    return _FACTORED[cls]
-
-
-def _plain_class(cls: type) -> type:
-    """The class :func:`_factored_class` made ``cls`` from (``cls`` itself otherwise)."""
-    return cast(type, getattr(cls, "_lbv_plain", cls))
 
 
 def _apply_ranks(modules: dict[str, nn.Module], ranks: dict[str, int]) -> None:
@@ -396,42 +238,3 @@ def _apply_ranks(modules: dict[str, nn.Module], ranks: dict[str, int]) -> None:
             for key in order:  # restore the parameter order, hence the state_dict key order
                 module._parameters[key] = module._parameters.pop(key)
         raise
-
-
-def _energy_rank(weight: Tensor, energy: float) -> int:
-    with torch.no_grad():
-        s = torch.linalg.svdvals(svd_dtype(weight.detach().reshape(weight.shape[0], -1))).double()
-    cum = torch.cumsum(s * s, 0)
-    return min(int((cum < energy * cum[-1]).sum()) + 1, s.numel())
-
-
-def _matrix_shape(module: nn.Module) -> tuple[int, int]:
-    weight = cast(Tensor, module.weight)
-    return int(weight.shape[0]), int(math.prod(weight.shape[1:]))
-
-
-def _check_supported(name: str, module: Any) -> None:
-    if not isinstance(module, _WEIGHTED):
-        raise TypeError(
-            f"`targets` selected {show(name)} ({type(module).__name__}), which is not an {_SUPPORTED}. "
-            "Only those layers can be made low-rank; narrow `targets` or add the name to `exclude`."
-        )
-    if is_low_rank(module):
-        raise ValueError(f"Layer {show(name)} ({_describe(module)}) is already low-rank; call `remove_low_rank` first")
-    if parametrize.is_parametrized(module, "weight"):
-        raise ValueError(
-            f"Layer {show(name)} ({_describe(module)}) already has a parametrization on `weight`; "
-            "remove it (torch.nn.utils.parametrize.remove_parametrizations) before `apply_low_rank`"
-        )
-    if isinstance(module.weight, nn.parameter.UninitializedParameter):
-        raise ValueError(f"Layer {show(name)} is lazy and not initialized yet; run one forward pass first")
-    if isinstance(module, _CONVS) and module.groups != 1:
-        raise ValueError(
-            f"Layer {show(name)} ({_describe(module)}) is a grouped conv (groups={module.groups}); "
-            "only groups=1 is supported by `apply_low_rank`. Add it to `exclude`."
-        )
-
-
-def _describe(module: nn.Module) -> str:
-    extra = module.extra_repr()
-    return f"{parametrize.type_before_parametrizations(module).__name__}({extra})"

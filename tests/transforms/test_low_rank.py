@@ -1,17 +1,17 @@
+"""The low-rank trio (lightning_bv/transforms/low_rank.py): apply_low_rank, is_low_rank, remove_low_rank."""
+
 import copy
-import math
 
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from low_rank_models import assert_unchanged, make_cnn, make_mlp, matrix, snapshot
 from torch import nn
 
-from lightning_bv._select import TargetsMatchNothingError
 from lightning_bv.transforms.low_rank import (
     LowRankWeight,
     apply_low_rank,
-    factorize,
     is_low_rank,
     low_rank_factors,
     low_rank_live_components,
@@ -25,41 +25,6 @@ LAYERS = {
     "conv2d": (lambda: nn.Conv2d(3, 5, 3, stride=2, padding=1, dilation=1), (2, 3, 8, 8)),
     "conv3d": (lambda: nn.Conv3d(2, 4, 2), (2, 2, 4, 4, 4)),
 }
-
-
-def make_mlp() -> nn.Sequential:
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(6, 10), nn.ReLU(), nn.Linear(10, 8), nn.ReLU(), nn.Linear(8, 3))
-
-
-def make_cnn() -> nn.Sequential:
-    torch.manual_seed(0)
-    return nn.Sequential(
-        nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 4, 3, stride=2), nn.Flatten(), nn.Linear(4 * 3 * 3, 2)
-    )
-
-
-def snapshot(model: nn.Module) -> tuple[str, dict[str, torch.Tensor], dict[str, int]]:
-    return (
-        str(model),
-        {k: v.detach().clone() for k, v in model.state_dict().items()},
-        {n: id(p) for n, p in model.named_parameters()},
-    )
-
-
-def assert_unchanged(model: nn.Module, before: tuple[str, dict[str, torch.Tensor], dict[str, int]]) -> None:
-    text, state, ids = before
-    assert str(model) == text
-    now = model.state_dict()
-    assert list(now) == list(state)
-    for k, v in state.items():
-        assert torch.equal(now[k], v), k
-    assert {n: id(p) for n, p in model.named_parameters()} == ids
-    assert not any(is_low_rank(m) for m in model.modules())
-
-
-def matrix(weight: torch.Tensor) -> torch.Tensor:
-    return weight.detach().reshape(weight.shape[0], -1)
 
 
 @pytest.mark.parametrize("kind", list(LAYERS))
@@ -115,26 +80,6 @@ def test_full_rank_changes_nothing(kind):
     apply_low_rank(layer, energy=1.0)
     assert low_rank_rank(layer) == 5
     assert torch.allclose(layer.weight, w, atol=1e-6)
-
-
-@pytest.mark.parametrize("energy", [0.01, 0.3, 0.5, 0.8, 0.95, 0.999, 1.0])
-def test_energy_rule(energy):
-    model = make_cnn()
-    weights = {n: matrix(m.weight).clone() for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))}
-    apply_low_rank(model, energy=energy)
-    for name, w in weights.items():
-        s2 = torch.linalg.svdvals(w.double()).square()
-        fractions = s2.cumsum(0) / s2.sum()
-        expected = next(k + 1 for k in range(len(s2)) if fractions[k] >= energy - 1e-12)
-        assert low_rank_rank(model.get_submodule(name)) == expected, name
-
-
-def test_energy_of_zero_weight_is_rank_one():
-    layer = nn.Linear(4, 4)
-    nn.init.zeros_(layer.weight)
-    apply_low_rank(layer, energy=0.5)
-    assert low_rank_rank(layer) == 1
-    assert torch.count_nonzero(layer.weight) == 0
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
@@ -248,51 +193,6 @@ def test_remove_low_rank_without_merge_factorizes():
     assert torch.allclose(model(x), y, atol=1e-5)
 
 
-@pytest.mark.parametrize(
-    ("layer", "shape"),
-    [
-        (nn.Linear(12, 9), (4, 12)),
-        (nn.Linear(12, 9, bias=False), (3, 2, 12)),
-        (nn.Conv2d(3, 8, 3, stride=2, padding=2, dilation=2), (2, 3, 9, 9)),
-        (nn.Conv2d(3, 8, (3, 1), padding="same", bias=False), (2, 3, 6, 5)),
-        (nn.Conv1d(4, 6, 3, padding=1, padding_mode="circular"), (2, 4, 7)),
-        (nn.Conv3d(2, 4, 3, padding=1), (1, 2, 4, 4, 4)),
-    ],
-)
-def test_factorize_same_function(layer, shape):
-    torch.manual_seed(0)
-    base = type(layer)
-    model = nn.Sequential(layer, nn.ReLU())
-    apply_low_rank(model, rank=2)
-    x = torch.randn(shape)
-    y = model(x)
-    model = factorize(model)
-    first, second = model[0]
-    assert not is_low_rank(first)
-    assert not is_low_rank(second)
-    assert type(first) is type(second) is base
-    assert first.bias is None
-    assert (second.bias is not None) == (layer.bias is not None)
-    if isinstance(first, nn.Conv2d):
-        assert first.out_channels == 2
-        assert second.kernel_size == (1, 1)
-        assert first.stride == layer.stride
-        assert first.dilation == layer.dilation
-        assert first.padding == layer.padding
-    assert torch.allclose(model(x), y, atol=1e-5)
-
-
-def test_factorize_root_returns_replacement_and_trains():
-    layer = apply_low_rank(nn.Linear(6, 6), rank=3)
-    x = torch.randn(2, 6)
-    y = layer(x)
-    new = factorize(layer)
-    assert isinstance(new, nn.Sequential)
-    assert torch.allclose(new(x), y, atol=1e-5)
-    new(x).sum().backward()
-    assert all(p.grad is not None for p in new.parameters())
-
-
 def test_live_components():
     layer = apply_low_rank(nn.Linear(8, 8), rank=4)
     assert low_rank_live_components(layer) == 4
@@ -325,63 +225,6 @@ def test_parametrization_contract():
     assert low_rank_factors(apply_low_rank(nn.Linear(3, 4), rank=2)) is not None
 
 
-@pytest.mark.parametrize(
-    ("kwargs", "error", "match"),
-    [
-        ({"rank": 0}, ValueError, r"`rank` must be an int >= 1, got 0"),
-        ({"rank": True}, ValueError, r"`rank` must be an int >= 1, got True"),
-        ({"rank": 2.0}, ValueError, r"`rank` must be an int >= 1, got 2.0"),
-        (
-            {"rank": 4},
-            ValueError,
-            r"`rank`=4 is too large for layer '4' \(Linear\(.*\)\): its weight is a 3 x 8 matrix",
-        ),
-        ({"energy": 0.0}, ValueError, r"`energy` must be a float in \(0, 1\].*got 0.0"),
-        ({"energy": 1.5}, ValueError, r"`energy` must be a float in \(0, 1\].*got 1.5"),
-        ({"rank": 2, "energy": 0.5}, ValueError, r"exactly one of `rank` and `energy`, got rank=2 and energy=0.5"),
-        ({}, ValueError, r"exactly one of `rank` and `energy`, got rank=None and energy=None"),
-        ({"rank": 1, "targets": ["fc9"]}, TargetsMatchNothingError, r"'fc9' matched no module"),
-        ({"rank": 1, "targets": r"\d"}, TypeError, r"selected '1' \(ReLU\), which is not an nn.Linear"),
-        ({"rank": 1, "targets": 3}, TypeError, r"`targets` must be None"),
-    ],
-)
-def test_bad_arguments_leave_model_unchanged(kwargs, error, match):
-    model = make_mlp()
-    before = snapshot(model)
-    with pytest.raises(error, match=match):
-        apply_low_rank(model, **kwargs)
-    assert_unchanged(model, before)
-
-
-def test_rank_too_large_for_a_later_layer_changes_nothing():
-    model = make_mlp()
-    before = snapshot(model)
-    with pytest.raises(ValueError, match=r"too large for layer '4'"):
-        apply_low_rank(model, rank=4)  # fits layers 0 and 2, not 4 (3 outputs)
-    assert_unchanged(model, before)
-    apply_low_rank(model, rank=4, exclude=["4"])
-    assert [is_low_rank(m) for m in model] == [True, False, True, False, False]
-
-
-def test_grouped_conv_and_double_application_are_refused():
-    model = nn.Sequential(nn.Conv2d(4, 4, 3, groups=2), nn.Conv2d(4, 4, 1))
-    before = snapshot(model)
-    with pytest.raises(ValueError, match=r"'0' .* is a grouped conv \(groups=2\)"):
-        apply_low_rank(model, rank=1)
-    assert_unchanged(model, before)
-    apply_low_rank(model, rank=1, targets=["1"])
-    with pytest.raises(ValueError, match=r"'1' .* is already low-rank; call `remove_low_rank` first"):
-        apply_low_rank(model, rank=1, targets=["1"])
-    assert low_rank_rank(model[1]) == 1
-
-
-def test_model_without_layers_is_refused():
-    with pytest.raises(ValueError, match=r"contains no nn.Linear"):
-        apply_low_rank(nn.Sequential(nn.ReLU()), rank=1)
-    with pytest.raises(TypeError, match="`model` must be an nn.Module"):
-        apply_low_rank("model", rank=1)
-
-
 def test_failure_midway_restores_the_model(monkeypatch):
     model = make_mlp()
     before = snapshot(model)
@@ -399,14 +242,6 @@ def test_failure_midway_restores_the_model(monkeypatch):
         apply_low_rank(model, rank=2)
     assert_unchanged(model, before)
     assert all(type(m) in (nn.Linear, nn.ReLU) for m in model)
-
-
-def test_rank_bound_is_min_of_out_and_flattened_in():
-    conv = nn.Conv2d(2, 20, 3)  # weight is 20 x 18
-    with pytest.raises(ValueError, match=r"20 x 18 matrix, so the rank must be <= 18"):
-        apply_low_rank(conv, rank=19)
-    apply_low_rank(conv, rank=18)
-    assert low_rank_rank(conv) == 18 == min(20, 2 * math.prod(conv.kernel_size))
 
 
 def test_parametrization_internals_are_not_targets():
