@@ -260,3 +260,13 @@ def test_remove_low_rank_leaves_a_deepcopy_working():
     remove_low_rank(layer)
     assert torch.equal(twin(x), y)
     assert list(dict(layer.named_parameters())) == ["weight", "bias"]
+
+
+def test_names_other_modules_import_stay_in_low_rank():
+    from lightning_bv.transforms import _factored, _low_rank_checks, low_rank
+
+    assert low_rank.factorize is _factored.factorize
+    for name in ("_check_rank_energy", "_candidate_names", "_layer_rank"):
+        assert getattr(low_rank, name) is getattr(_low_rank_checks, name), name
+    for name in ("_apply_ranks", "_plist", "is_low_rank", "low_rank_rank", "low_rank_live_components"):
+        assert callable(getattr(low_rank, name)), name

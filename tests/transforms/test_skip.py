@@ -180,3 +180,11 @@ def test_affine_skip_for_keeps_dtype():
     skip = affine_skip_for(nn.Linear(3, 2).double())
     assert skip.weight.dtype == torch.float64
     assert is_null_space(skip)
+
+
+def test_names_the_callback_imports_stay_in_skip():
+    from lightning_bv.transforms import _skip_shapes, skip
+
+    assert skip.shape_hooks is _skip_shapes.shape_hooks
+    for name in ("_add_skip", "_check_skip_args", "is_skip", "needs_trial", "shape_hooks"):
+        assert callable(getattr(skip, name)), name
