@@ -11,7 +11,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 import lightning_bv as lbv
-from lightning_bv.callbacks import PathNormRegularization
+from lightning_bv.callbacks import RBVRegularization
 from lightning_bv.callbacks._base import refuse_unsupported
 
 
@@ -49,7 +49,7 @@ def test_matches_plain_pytorch_loop(mode, q):
     torch.manual_seed(0)
     module = PlainSGD(lr=0.05)
     expected = manual_run(module, mode, lam=0.2, steps=6, lr=0.05, q=q)
-    cb = PathNormRegularization(lam=0.2, q=q, mode=mode, every_n_steps=1)
+    cb = RBVRegularization(lam=0.2, q=q, mode=mode, every_n_steps=1)
     trainer(callbacks=[cb], max_steps=6).fit(module)
     for (n, p), e in zip(module.net.named_parameters(), expected.parameters()):
         torch.testing.assert_close(p, e, atol=1e-5, rtol=1e-5, msg=n)
@@ -60,7 +60,7 @@ def test_gradient_accumulation_adds_penalty_once_per_optimizer_step():
     torch.manual_seed(0)
     module = PlainSGD(lr=0.05)
     expected = manual_run(module, "penalty", lam=0.3, steps=3, lr=0.05, accumulate=2)
-    cb = PathNormRegularization(lam=0.3, mode="penalty", every_n_steps=1)
+    cb = RBVRegularization(lam=0.3, mode="penalty", every_n_steps=1)
     trainer(callbacks=[cb], max_steps=3, accumulate_grad_batches=2).fit(module)
     for p, e in zip(module.net.parameters(), expected.parameters()):
         torch.testing.assert_close(p, e, atol=1e-5, rtol=1e-5)
@@ -85,7 +85,7 @@ def test_mixed_precision_adds_an_unscaled_gradient(precision):
     module = ZeroLoss(lr=0.1)
     before = [p.detach().clone() for p in module.net.parameters()]
     grads = penalty_grad(module.net, lam=0.5)
-    trainer(callbacks=[PathNormRegularization(lam=0.5, mode="penalty")], max_steps=1, precision=precision).fit(module)
+    trainer(callbacks=[RBVRegularization(lam=0.5, mode="penalty")], max_steps=1, precision=precision).fit(module)
     for p, b, g in zip(module.net.parameters(), before, grads):
         torch.testing.assert_close(p.detach(), b - 0.1 * g, atol=1e-6, rtol=1e-5)
 
@@ -96,7 +96,7 @@ def test_gradient_clipping_clips_the_penalty_with_the_rest():
     before = torch.cat([p.detach().flatten().clone() for p in module.net.parameters()])
     grads = penalty_grad(module.net, lam=5.0)
     assert torch.cat([g.flatten() for g in grads]).norm() > 1.0  # so clipping to 0.01 really acts
-    cb = PathNormRegularization(lam=5.0, mode="penalty")
+    cb = RBVRegularization(lam=5.0, mode="penalty")
     trainer(callbacks=[cb], max_steps=1, gradient_clip_val=0.01, gradient_clip_algorithm="norm").fit(module)
     after = torch.cat([p.detach().flatten() for p in module.net.parameters()])
     assert (before - after).norm().item() == pytest.approx(0.1 * 0.01, rel=1e-3)
@@ -105,7 +105,7 @@ def test_gradient_clipping_clips_the_penalty_with_the_rest():
 def test_resume_matches_uninterrupted_fit(tmp_path):
     def run(max_steps, ckpt=None, seed_model=None, folder="full"):
         module = copy.deepcopy(seed_model)
-        cb = PathNormRegularization(lam=0.05, mode="prox", every_n_steps=3)
+        cb = RBVRegularization(lam=0.05, mode="prox", every_n_steps=3)
         save = pl.callbacks.ModelCheckpoint(dirpath=tmp_path / folder, save_last=True, every_n_train_steps=1)
         t = trainer(
             callbacks=[cb, save],
@@ -132,7 +132,7 @@ def test_resume_matches_uninterrupted_fit(tmp_path):
 def test_logs_metrics_and_prox_makes_neurons_dead():
     torch.manual_seed(0)
     module = MLPModule(lr=0.05)
-    cb = PathNormRegularization(lam=0.5, mode="prox")
+    cb = RBVRegularization(lam=0.5, mode="prox")
     t = trainer(callbacks=[cb], max_steps=60)
     t.fit(module)
     m = t.callback_metrics
@@ -150,7 +150,7 @@ def test_active_neurons_count_relu_neurons_and_rank_components_apart():
     # 32 ReLU neurons and a 3-component 'net.0:rank' group (net.0 reads the data; a low-rank layer between two groups
     # would be owned by them and have no group of its own)
     lbv.apply_low_rank(module.net, rank=3, targets=["0"])
-    cb = PathNormRegularization(lam=1e-4)
+    cb = RBVRegularization(lam=1e-4)
     t = trainer(callbacks=[cb], max_steps=2)
     t.fit(module)
     scores = lbv.neuron_scores(cb.groups)
@@ -170,7 +170,7 @@ def test_lam_schedule_callable():
     torch.manual_seed(0)
     module = PlainSGD(lr=0.05)
     expected = manual_run(module, "penalty", lam=0.0, steps=5, lr=0.05)
-    trainer(callbacks=[PathNormRegularization(lam=Warmup(), mode="penalty")], max_steps=5).fit(module)
+    trainer(callbacks=[RBVRegularization(lam=Warmup(), mode="penalty")], max_steps=5).fit(module)
     for p, e in zip(module.net.parameters(), expected.parameters()):
         torch.testing.assert_close(p, e, atol=1e-6, rtol=1e-6)
 
@@ -178,17 +178,17 @@ def test_lam_schedule_callable():
 def test_example_input_array_discovers_at_setup():
     module = MLPModule()
     module.example_input_array = torch.randn(2, 4)
-    cb = PathNormRegularization(lam=0.1)
+    cb = RBVRegularization(lam=0.1)
     trainer(callbacks=[cb], max_steps=1).fit(module)
     assert cb.groups.names == ["net.0", "net.2"]
 
 
 def test_every_n_steps_default_is_every_step_for_the_prox_and_8_for_the_gradient_modes():
-    assert inspect.signature(PathNormRegularization).parameters["every_n_steps"].default is None
-    assert PathNormRegularization(lam=0.1).every_n_steps == 1
-    assert PathNormRegularization(lam=0.1, mode="penalty").every_n_steps == 8
-    assert PathNormRegularization(lam=0.1, mode="weight_decay").every_n_steps == 8
-    assert PathNormRegularization(lam=0.1, mode="weight_decay", every_n_steps=2).every_n_steps == 2
+    assert inspect.signature(RBVRegularization).parameters["every_n_steps"].default is None
+    assert RBVRegularization(lam=0.1).every_n_steps == 1
+    assert RBVRegularization(lam=0.1, mode="penalty").every_n_steps == 8
+    assert RBVRegularization(lam=0.1, mode="weight_decay").every_n_steps == 8
+    assert RBVRegularization(lam=0.1, mode="weight_decay", every_n_steps=2).every_n_steps == 2
 
 
 @pytest.mark.parametrize("every", [4, 8])
@@ -196,8 +196,8 @@ def test_every_n_steps_matches_k_times_strength(every):
     torch.manual_seed(0)
     module = PlainSGD(lr=0.05)
     lazy = copy.deepcopy(module)
-    trainer(callbacks=[PathNormRegularization(lam=0.02, mode="prox", every_n_steps=1)], max_steps=48).fit(module)
-    trainer(callbacks=[PathNormRegularization(lam=0.02, mode="prox", every_n_steps=every)], max_steps=48).fit(lazy)
+    trainer(callbacks=[RBVRegularization(lam=0.02, mode="prox", every_n_steps=1)], max_steps=48).fit(module)
+    trainer(callbacks=[RBVRegularization(lam=0.02, mode="prox", every_n_steps=every)], max_steps=48).fit(lazy)
     r1 = lbv.rbv_norm(lbv.find_neurons(module.net, torch.randn(1, 4))).item()
     r4 = lbv.rbv_norm(lbv.find_neurons(lazy.net, torch.randn(1, 4))).item()
     assert r4 == pytest.approx(r1, rel=0.05)
@@ -205,7 +205,7 @@ def test_every_n_steps_matches_k_times_strength(every):
 
 def _record_strengths(monkeypatch, name):
     """Spy on the update function ``name`` the callback calls: record the strength of every call, then run it."""
-    import lightning_bv.callbacks.path_norm_regularization as module
+    import lightning_bv.callbacks.rbv_regularization as module
 
     calls = []
     real = getattr(module, name)
@@ -239,7 +239,7 @@ class Validated(MLPModule):
 
 def test_lazy_updates_also_close_every_epoch_and_the_fit(monkeypatch):
     calls = _record_strengths(monkeypatch, "add_weight_decay_grad_")
-    cb = PathNormRegularization(lam=0.1, mode="weight_decay", every_n_steps=3)
+    cb = RBVRegularization(lam=0.1, mode="weight_decay", every_n_steps=3)
     probe = SinceAtEpochEnd(cb)
     module = Validated()
     val = DataLoader(regression_data(16), batch_size=16)
@@ -263,7 +263,7 @@ class StopsAt(MLPModule):
 
 def test_a_fit_stopped_between_lazy_updates_gets_its_pending_prox(monkeypatch):
     calls = _record_strengths(monkeypatch, "proximal_step_")
-    cb = PathNormRegularization(lam=0.1, every_n_steps=8)
+    cb = RBVRegularization(lam=0.1, every_n_steps=8)
     module = StopsAt(6, lr=0.05)
     trainer(callbacks=[cb], max_steps=100).fit(module)
     # step 4 closes epoch 1 (4 steps owed), steps 5 and 6 are owed when should_stop ends the fit: on_train_end;
@@ -288,11 +288,11 @@ def test_a_fit_stopped_between_lazy_updates_gets_its_pending_prox(monkeypatch):
 )
 def test_bad_arguments(kwargs, match):
     with pytest.raises((ValueError, TypeError), match=match):
-        PathNormRegularization(**kwargs)
+        RBVRegularization(**kwargs)
 
 
 def test_targets_that_match_nothing_raise():
-    cb = PathNormRegularization(lam=0.1, targets=["nope"])
+    cb = RBVRegularization(lam=0.1, targets=["nope"])
     with pytest.raises(
         lbv.TargetsMatchNothingError, match=r"'nope' matched no module.*Available: \['net.0', 'net.2'\]"
     ):
@@ -308,13 +308,13 @@ def test_nothing_to_regularize_warns_and_trains_on():
     module = Linear()
     before = copy.deepcopy(module.state_dict())
     with pytest.warns(UserWarning, match="found no neuron group.*unsupported op 'mse_loss'"):
-        trainer(callbacks=[PathNormRegularization(lam=0.1)], max_steps=2).fit(module)
+        trainer(callbacks=[RBVRegularization(lam=0.1)], max_steps=2).fit(module)
     assert any(not torch.equal(v, module.state_dict()[k]) for k, v in before.items())
 
 
 def test_manual_optimization_refused():
     with pytest.raises(ValueError, match="does not support manual optimization"):
-        trainer(callbacks=[PathNormRegularization(lam=0.1)], max_steps=1).fit(ManualMLP())
+        trainer(callbacks=[RBVRegularization(lam=0.1)], max_steps=1).fit(ManualMLP())
 
 
 def test_sharded_strategy_refused():
@@ -322,7 +322,7 @@ def test_sharded_strategy_refused():
 
     fake_trainer = types.SimpleNamespace(strategy=FSDPStrategy())
     with pytest.raises(ValueError, match="does not support the sharded strategy FSDPStrategy"):
-        refuse_unsupported(fake_trainer, MLPModule(), "PathNormRegularization")
+        refuse_unsupported(fake_trainer, MLPModule(), "RBVRegularization")
 
 
 @pytest.mark.slow
@@ -331,9 +331,9 @@ def test_ddp_two_processes_match_single_process(tmp_path):
     start = MLPModule(lr=0.05, batch_size=16, deterministic_sampler=True)
     single = copy.deepcopy(start)
     kw = {"max_steps": 6, "use_distributed_sampler": False}
-    trainer(callbacks=[PathNormRegularization(lam=0.1, mode="prox")], **kw).fit(single)
+    trainer(callbacks=[RBVRegularization(lam=0.1, mode="prox")], **kw).fit(single)
     ddp = copy.deepcopy(start)
-    cbs = [PathNormRegularization(lam=0.1, mode="prox"), SaveWeights(str(tmp_path))]
+    cbs = [RBVRegularization(lam=0.1, mode="prox"), SaveWeights(str(tmp_path))]
     trainer(callbacks=cbs, strategy="ddp_spawn", devices=2, **kw).fit(ddp)
     r0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
     r1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
@@ -348,7 +348,7 @@ def test_a_plain_chain_is_lifted_at_setup_and_merged_back_by_neuron_pruning():
 
     torch.manual_seed(0)
     module = MLPModule(lr=0.05)
-    cb = PathNormRegularization(lam=1.0)
+    cb = RBVRegularization(lam=1.0)
     pruning = NeuronPruning()
     trainer(callbacks=[cb, pruning], max_steps=30).fit(module)
     assert cb.lift_report.lifted == ["net.2"]
@@ -362,7 +362,7 @@ def test_a_plain_chain_is_lifted_at_setup_and_merged_back_by_neuron_pruning():
 
 
 def test_lifting_is_off_with_lift_shared_false_and_in_the_gradient_modes():
-    for cb in (PathNormRegularization(lam=0.1, lift_shared=False), PathNormRegularization(lam=0.1, mode="penalty")):
+    for cb in (RBVRegularization(lam=0.1, lift_shared=False), RBVRegularization(lam=0.1, mode="penalty")):
         module = MLPModule()
         trainer(callbacks=[cb], max_steps=2).fit(module)
         assert cb.lift_report is None
@@ -370,7 +370,7 @@ def test_lifting_is_off_with_lift_shared_false_and_in_the_gradient_modes():
     with pytest.raises(
         TypeError, match=r"`lift_shared` must be None \(on for mode='prox'\), True or False, got str 'yes'"
     ):
-        PathNormRegularization(lam=0.1, lift_shared="yes")
+        RBVRegularization(lam=0.1, lift_shared="yes")
 
 
 class RescaledMLP(MLPModule):
@@ -395,7 +395,7 @@ def test_a_model_and_a_rescale_of_it_train_identically(optimizer):
     torch.testing.assert_close(rescaled(x), plain(x), rtol=1e-5, atol=1e-6)
     assert not torch.allclose(rescaled.net[0].weight, plain.net[0].weight)
     for module in (plain, rescaled):
-        trainer(callbacks=[PathNormRegularization(lam=0.5)], max_steps=10).fit(module)
+        trainer(callbacks=[RBVRegularization(lam=0.5)], max_steps=10).fit(module)
     for (n, p), q in zip(plain.named_parameters(), rescaled.parameters()):
         torch.testing.assert_close(q, p, rtol=1e-4, atol=1e-5, msg=n)
 
@@ -405,7 +405,7 @@ def test_adam_and_the_prox_kill_neurons_with_the_same_lam_as_sgd():
     for optimizer in ("sgd", "adam"):
         torch.manual_seed(0)
         module = MLPModule(optimizer=optimizer, lr=0.01 if optimizer == "adam" else 0.05, n=128)
-        cb = PathNormRegularization(lam=0.05)
+        cb = RBVRegularization(lam=0.05)
         trainer(callbacks=[cb], max_epochs=6, max_steps=-1).fit(module)
         alive[optimizer] = int(sum((s > 0).sum() for s in lbv.neuron_scores(cb.groups).values()))
     assert 0 < alive["adam"] < 32, alive
@@ -419,13 +419,13 @@ class NAdamMLP(MLPModule):
 
 def test_unknown_optimizer_and_weight_decay_each_warn_once():
     with pytest.warns(UserWarning, match="NAdam") as record:
-        trainer(callbacks=[PathNormRegularization(lam=0.1)], max_steps=4).fit(NAdamMLP())
+        trainer(callbacks=[RBVRegularization(lam=0.1)], max_steps=4).fit(NAdamMLP())
     messages = [str(w.message) for w in record]
     assert sum("does not know the step size of optimizer NAdam" in m for m in messages) == 1
     assert sum("has weight_decay=0.01 on the neuron groups' weights" in m for m in messages) == 1
 
 
-class OwnStep(PathNormRegularization):
+class OwnStep(RBVRegularization):
     """A user's optimizer with a known step: override the one method."""
 
     def thresholds(self, optimizer, lam, lrs):
@@ -454,7 +454,7 @@ class LateData(MLPModule):
 
 
 def test_no_batch_at_setup_warns_and_discovers_on_the_first_step():
-    cb = PathNormRegularization(lam=0.1)
+    cb = RBVRegularization(lam=0.1)
     with pytest.warns(
         UserWarning, match=r"could not find the neuron groups at setup: its train dataloader cannot be built"
     ):
@@ -469,7 +469,7 @@ def test_low_rank_listed_after_the_regularizer_runs_first():
     torch.manual_seed(0)
     module = MLPModule()
     low_rank = LowRank(rank=3, targets=["net.2"])
-    cb = PathNormRegularization(lam=0.1)
+    cb = RBVRegularization(lam=0.1)
     trainer(callbacks=[cb, low_rank], max_steps=2).fit(module)
     assert low_rank.ranks == {"net.2": 3}  # not lifted to full rank first
     assert cb.lift_report.lifted == []
@@ -487,4 +487,4 @@ def test_no_relu_warning_names_what_the_model_has_instead():
         UserWarning,
         match=r"no neuron group to regularize.*It found 1 ReLU6 activation\(s\), which are not positively homogeneous",
     ):
-        trainer(callbacks=[PathNormRegularization(lam=0.1)], max_steps=1).fit(ReLU6Module())
+        trainer(callbacks=[RBVRegularization(lam=0.1)], max_steps=1).fit(ReLU6Module())
