@@ -20,13 +20,23 @@ class CallbackBase(*_BASES):  # type: ignore[misc]
     """Base of every lightning_bv callback."""
 
 
-def _check_example_input(example_input: object) -> None:
-    """``example_input`` of a callback that runs :func:`lightning_bv.find_neurons` on it: None, a tensor or a tuple."""
+def _check_example_input(
+    example_input: object, error: type[Exception] = TypeError, of: str = " of the LightningModule's forward"
+) -> None:
+    """``example_input`` of a callback that runs the module on it: None, a tensor or a tuple.
+
+    ``error`` and ``of`` (what the positional arguments are of) word the error, which differs between callbacks.
+    """
     if example_input is not None and not isinstance(example_input, (Tensor, tuple)):
-        raise TypeError(
-            "`example_input` must be None, a tensor or a tuple of positional arguments of the LightningModule's "
-            f"forward, got {type(example_input).__name__}"
+        raise error(
+            f"`example_input` must be None, a tensor or a tuple of positional arguments{of}, got "
+            f"{type(example_input).__name__}"
         )
+
+
+def example_input_or_array(example_input: Any, pl_module: Any) -> Any:
+    """A callback's ``example_input``, else the module's ``example_input_array``; None when neither is set."""
+    return example_input if example_input is not None else getattr(pl_module, "example_input_array", None)
 
 
 def _check_interval(name: str, value: Any, allow_none: bool = False) -> Any:
@@ -160,3 +170,15 @@ def warn_if_spawned(trainer: Any, who: str) -> None:
             "here: they keep their initial weights there. Use strategy='ddp', or save a checkpoint (ModelCheckpoint) "
             "and load it into a model changed the same way."
         )
+
+
+def wandb_loggers(trainer: Any) -> list[Any]:
+    """The W&B loggers of the Trainer (``WandbLogger`` of ``pytorch_lightning`` or of ``lightning.pytorch``)."""
+    classes: list[type] = []
+    for package in ("pytorch_lightning", "lightning.pytorch"):
+        try:
+            module = __import__(f"{package}.loggers", fromlist=["WandbLogger"])
+            classes.append(module.WandbLogger)
+        except (ImportError, AttributeError):  # pragma: no cover - depends on what is installed
+            pass
+    return [lg for lg in trainer.loggers if isinstance(lg, tuple(classes))]

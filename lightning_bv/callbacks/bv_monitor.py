@@ -13,27 +13,17 @@ from typing_extensions import override
 from lightning_bv._checks import check_q
 from lightning_bv._layers import WEIGHTED
 from lightning_bv._sharding import full
-from lightning_bv.callbacks._base import CallbackBase, _check_interval, is_fsdp2, refuse_sharded
+from lightning_bv.callbacks._base import _check_interval, is_fsdp2, refuse_sharded, wandb_loggers
 from lightning_bv.callbacks._discovery import GroupDiscovery, is_own_forward
+from lightning_bv.callbacks._groups import GroupsCallback
 from lightning_bv.functional.path_norm import path_norm
 from lightning_bv.functional.rbv import neuron_scores
 from lightning_bv.functional.spectral import spectrum
-from lightning_bv.neurons import NeuronGroups, low_rank_factors
+from lightning_bv.neurons import low_rank_factors
 from lightning_bv.transforms.low_rank import low_rank_live_components
 
 
-def _wandb_loggers(trainer: pl.Trainer) -> list[Any]:
-    classes: list[type] = []
-    for package in ("pytorch_lightning", "lightning.pytorch"):
-        try:
-            module = __import__(f"{package}.loggers", fromlist=["WandbLogger"])
-            classes.append(module.WandbLogger)
-        except (ImportError, AttributeError):  # pragma: no cover - depends on what is installed
-            pass
-    return [lg for lg in trainer.loggers if isinstance(lg, tuple(classes))]
-
-
-class BVMonitor(CallbackBase):
+class BVMonitor(GroupsCallback):
     r"""Log what the function-space view says about a model while it trains, every ``every_n_steps`` steps.
 
     Scalars go to every logger of the Trainer, once per event, at the step Lightning logs that batch's values at
@@ -58,12 +48,13 @@ class BVMonitor(CallbackBase):
     function over the range of the training inputs seen so far, with the knots ``-b_k / w_k`` of the live neurons of
     a first layer ``Linear(1, K)`` marked (``bv/function``).
 
-    The groups are found on the first training step, when every other callback has changed the model; the example
-    input for ``path_norm`` (and the function image) is ``example_input``, else the module's ``example_input_array``,
-    else the first sample of the inputs of the module's first ``forward`` call in that step, else, for a
-    ``training_step`` that calls one child holding all the parameters (``self.net(x)``), of that call (then the
-    path-norms and the image are those of the child). Under DDP only rank 0 computes and logs; the weights are the
-    same on every rank, so the values equal a single-process run's. Nothing is stored in checkpoints.
+    The groups are those the other callbacks of the fit use (see :class:`NeuronPruning`), else found on the first
+    training step, when every other callback has changed the model; the monitor watches that step in any case. The
+    example input for ``path_norm`` (and the function image) is ``example_input``, else the module's
+    ``example_input_array``, else the first sample of the inputs of the module's first ``forward`` call in that
+    step, else, for a ``training_step`` that calls one child holding all the parameters (``self.net(x)``), of that
+    call (then the path-norms and the image are those of the child). Under DDP only rank 0 computes and logs; the
+    weights are the same on every rank, so the values equal a single-process run's. Nothing is stored in checkpoints.
 
     Args:
         every_n_steps: log the scalars (and the W&B extras) every this many optimizer steps.
@@ -77,6 +68,9 @@ class BVMonitor(CallbackBase):
         >>> import pytorch_lightning as pl
         >>> trainer = pl.Trainer(callbacks=[BVMonitor(every_n_steps=100)], max_epochs=1, logger=False)
     """
+
+    _example_input_error = ValueError  # its own wording of a bad `example_input`
+    _example_input_of = ""
 
     def __init__(
         self,
@@ -92,21 +86,16 @@ class BVMonitor(CallbackBase):
         for name, flag in (("histograms", histograms), ("plots", plots)):
             if not isinstance(flag, bool):
                 raise ValueError(f"`{name}` must be a bool, got {flag!r}")
-        if example_input is not None and not isinstance(example_input, (Tensor, tuple)):
-            raise ValueError(
-                f"`example_input` must be None, a tensor or a tuple of positional arguments, got "
-                f"{type(example_input).__name__}"
-            )
+        super().__init__(example_input)
         check_q(q)
         self.histograms = histograms
         self.plots = plots
-        self.example_input = example_input
         self.q = q
         self._reset()
 
     def _reset(self) -> None:
-        self.groups: NeuronGroups | None = None
-        self._discovery = GroupDiscovery()
+        self._discovery = GroupDiscovery()  # a fresh example input each fit
+        self._traced = False  # whether the first training step was watched (and the example input resolved)
         self._example: tuple[Any, ...] | None = None
         self._root = ""  # the submodule that ``_example`` is an input of ("": the LightningModule)
         self._last_step = -1
@@ -118,8 +107,9 @@ class BVMonitor(CallbackBase):
         self._busy = False  # set while the monitor runs the model itself
         self._every_rank = False  # FSDP2: every rank measures
 
+    @override
     def __getstate__(self) -> dict[str, Any]:
-        state = dict(self.__dict__)
+        state = super().__getstate__()
         state.update(_range_hook=None, _range=None, _pending_x=None)  # hooks and tensors: not pickled (ddp_spawn)
         return state
 
@@ -134,11 +124,15 @@ class BVMonitor(CallbackBase):
         self._every_rank = is_fsdp2(trainer)
 
     @override
+    def wants_discovery(self, trainer: pl.Trainer) -> bool:
+        """On the first training step, on the ranks that measure: for the groups and an example input."""
+        return not self._traced and (trainer.is_global_zero or self._every_rank)
+
+    @override
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, idx: int) -> None:
-        if self.groups is None and (trainer.is_global_zero or self._every_rank):
-            self._discovery.start(pl_module)
-            if self.plots and self._range_hook is None and _wandb_loggers(trainer):
-                self._range_hook = pl_module.register_forward_pre_hook(self._track_range)
+        super().on_train_batch_start(trainer, pl_module, batch, idx)
+        if self._discovery.running and self.plots and self._range_hook is None and wandb_loggers(trainer):
+            self._range_hook = pl_module.register_forward_pre_hook(self._track_range)
 
     def _track_range(self, module: nn.Module, args: tuple[Any, ...]) -> None:
         x = args[0] if len(args) == 1 and is_own_forward(module) else None
@@ -153,17 +147,20 @@ class BVMonitor(CallbackBase):
                 lo, hi = torch.minimum(lo, self._range[0]), torch.maximum(hi, self._range[1])
             self._range = (lo, hi)
 
-    def _finish_discovery(self, pl_module: pl.LightningModule) -> None:
-        groups = self._discovery.finish(pl_module)
-        if groups is None:
-            return
-        self.groups = groups
+    @override
+    def finish_discovery(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Tensor | None = None) -> None:
+        traced = self._discovery.running
+        super().finish_discovery(trainer, pl_module, loss)
+        if traced:
+            self._after_first_step(pl_module)
+
+    def _after_first_step(self, pl_module: pl.LightningModule) -> None:
+        """Once the first step was watched: its input range, the example input, the range hook where it belongs."""
+        self._traced = True
         if self._pending_x is not None:
             x, self._pending_x = self._pending_x, None
             self._track_range(pl_module, (x,))
-        example = self.example_input
-        if example is None:
-            example = getattr(pl_module, "example_input_array", None)
+        example = self.setup_example_input(pl_module)
         if example is None and self._discovery.example_input is not None:
             example, self._root = self._discovery.example_input, self._discovery.example_root
         self._example = (example if isinstance(example, tuple) else (example,)) if example is not None else None
@@ -175,21 +172,13 @@ class BVMonitor(CallbackBase):
             self._track_range(pl_module.get_submodule(self._root), self._example)  # type: ignore[arg-type]
 
     @override
-    def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Tensor) -> None:
-        self._finish_discovery(pl_module)
-
-    @override
-    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
-        self._finish_discovery(pl_module)
-
-    @override
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        self._finish_discovery(pl_module)
+        self.finish_discovery(trainer, pl_module)
         step = trainer.global_step
         mine = trainer.is_global_zero or self._every_rank
-        if not mine or self.groups is None or step == 0 or step == self._last_step:
+        if not mine or not self._traced or self.groups is None or step == 0 or step == self._last_step:
             return
         scalars, spectra = step % self.every_n_steps == 0, step % self.spectra_every_n_steps == 0
         if scalars or spectra:
@@ -207,7 +196,7 @@ class BVMonitor(CallbackBase):
 
     @override
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
-        self._discovery.abort()
+        super().on_exception(trainer, pl_module, exception)
         self._remove_range_hook()
 
     @override
@@ -273,7 +262,7 @@ class BVMonitor(CallbackBase):
             step = trainer.fit_loop.epoch_loop._batches_that_stepped  # the step Lightning logs this batch's values at
             for logger in trainer.loggers:
                 logger.log_metrics(values, step=step)
-        loggers = _wandb_loggers(trainer)
+        loggers = wandb_loggers(trainer)
         if loggers:
             self._log_wandb(loggers, trainer, pl_module, scores, singular, values)
 

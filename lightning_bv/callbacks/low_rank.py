@@ -35,7 +35,7 @@ class LowRank(CallbackBase):
     defines ``configure_model``, it is called first so that its layers exist (as Lightning's ``WeightAveraging``
     does; the hook must be idempotent, which Lightning asks of it anyway). Layers that are already low-rank (a second
     ``setup``, e.g. ``trainer.test`` after ``trainer.fit``, or a layer changed by hand) are left as they are. A
-    low-rank component that a proximal step zeroes (:class:`PathNormRegularization` with ``mode="prox"``) is dead:
+    low-rank component that a proximal step zeroes (:class:`RBVRegularization` with ``mode="prox"``) is dead:
     :func:`lightning_bv.low_rank_live_components` counts the others.
 
     Resuming: Lightning loads the checkpoint after ``setup``, and calls this callback's ``load_state_dict`` after
@@ -78,7 +78,7 @@ class LowRank(CallbackBase):
         ValueError: `rank` must be an int >= 1, got 0
     """
 
-    changes_model_in_setup = True  # PathNormRegularization runs this setup first when listed after it
+    changes_model_in_setup = True  # RBVRegularization runs this setup first when listed after it
 
     def __init__(
         self,

@@ -15,25 +15,23 @@ from torch import Tensor, nn
 from typing_extensions import override
 
 from lightning_bv._checks import check_tol
-from lightning_bv._select import Targets, _check_targets
+from lightning_bv._select import Targets
 from lightning_bv.callbacks._base import (
-    CallbackBase,
-    _check_example_input,
     _check_interval,
     is_fsdp2,
     is_parallel,
     refuse_sharded,
     surgery_of_later_callbacks_first,
 )
-from lightning_bv.callbacks._discovery import GroupDiscovery
-from lightning_bv.neurons import NeuronGroup, NeuronGroups, find_neurons
+from lightning_bv.callbacks._groups import GroupsCallback
+from lightning_bv.neurons import NeuronGroups
 from lightning_bv.transforms.compact import CompactionReport, compact, resize_to_state_dict_, slice_optimizer_state_
 
 
-class NeuronPruning(CallbackBase):
+class NeuronPruning(GroupsCallback):
     """Remove the neurons whose score ``||v_k||_2 ||w_k||_2`` is ``<= tol`` with :func:`lightning_bv.compact`.
 
-    Pair it with :class:`~lightning_bv.callbacks.PathNormRegularization` (``mode="prox"`` makes neurons exactly dead).
+    Pair it with :class:`~lightning_bv.callbacks.RBVRegularization` (``mode="prox"`` makes neurons exactly dead).
     With ``tol=0`` the function of the module is unchanged; the model just gets smaller.
 
     * At the end of fit (``on_fit_end``, after the last checkpoint): the trained module is compacted. Under DDP every
@@ -49,10 +47,13 @@ class NeuronPruning(CallbackBase):
       take the old ones' places in the optimizers, so training goes on where it was. The counts are logged with
       ``pl_module.log`` (``bv/neurons_before``, ``bv/neurons_after``, ``bv/params_before``, ``bv/params_after``).
 
-    Other callbacks: after each compaction, every callback in ``trainer.callbacks`` whose ``groups`` attribute holds
-    :class:`~lightning_bv.NeuronGroups` of the module (as ``PathNormRegularization`` does) has them updated in place
-    to the new sizes (:meth:`~lightning_bv.transforms.compact.CompactionReport.update_groups_`). A callback that keeps
-    neuron groups or parameters under another name must refresh them itself.
+    Other callbacks: the neuron groups of a module are held in one place, shared by the lightning_bv callbacks of
+    the fit (:class:`~lightning_bv.callbacks.RBVRegularization`, :class:`~lightning_bv.callbacks.BVMonitor`, this
+    one): after each compaction the groups of the compacted model (``report.neuron_groups``) replace them there, and
+    every callback's ``groups`` attribute reads them. A callback of your own gets the current groups by reading
+    ``pruning.groups`` (this callback's :attr:`groups`) each time it needs them, rather than keeping a copy: groups
+    kept from before a compaction describe the old sizes. Parameters kept elsewhere must be looked up again too (the
+    compaction replaces the Parameters of the layers it shrinks).
 
     Checkpoints: a checkpoint saved after a compaction holds the smaller shapes. Whenever Lightning loads a
     checkpoint into the module (``trainer.fit/validate/test/predict(ckpt_path=...)``, with this callback in the
@@ -67,6 +68,10 @@ class NeuronPruning(CallbackBase):
     compacted model. The module is never pickled: pickling the callback (``ddp_spawn`` does) drops :attr:`groups`
     and :attr:`report`.
 
+    Attributes:
+        groups: the module's current neuron groups for ``targets`` and ``exclude`` (None until found), shared with the
+            other callbacks of the fit; after a compaction, those of the compacted model.
+
     Args:
         tol: remove neurons with score ``<= tol`` (a finite float >= 0).
         every_n_epochs: also compact at the end of every n-th training epoch (single device only); None: only at the
@@ -79,8 +84,8 @@ class NeuronPruning(CallbackBase):
         exclude: groups to leave whole (same rule; wins over ``targets``).
 
     Example:
-        >>> from lightning_bv.callbacks import PathNormRegularization
-        >>> callbacks = [PathNormRegularization(lam=1e-3), NeuronPruning(every_n_epochs=5)]
+        >>> from lightning_bv.callbacks import RBVRegularization
+        >>> callbacks = [RBVRegularization(lam=1e-3), NeuronPruning(every_n_epochs=5)]
         >>> trainer = pl.Trainer(callbacks=callbacks, max_epochs=1, logger=False)
     """
 
@@ -102,19 +107,12 @@ class NeuronPruning(CallbackBase):
                 "NeuronPruning(every_n_epochs=None, on_fit_end=False) would never compact: set `every_n_epochs` "
                 "or leave `on_fit_end=True`"
             )
-        _check_example_input(example_input)
-        _check_targets("targets", targets)
-        _check_targets("exclude", exclude)
+        super().__init__(example_input, targets, exclude)
         self.tol: float = float(tol)
         self.every_n_epochs: int | None = every_n_epochs
         self.at_fit_end: bool = on_fit_end  # not `self.on_fit_end`: that name is the hook
-        self.example_input: Tensor | tuple[Any, ...] | None = example_input
-        self.targets: Targets = targets
-        self.exclude: Targets = exclude
-        self.groups: NeuronGroups | None = None
         self.report: CompactionReport | None = None
         self.history: list[dict[str, float]] = []
-        self._discovery: GroupDiscovery = GroupDiscovery(targets, exclude)
         self._hook: Any = None
         self._shrunk_id: int | None = None  # id() of the module this callback compacted (in this process)
         self.checkpoint_path: str | None = None
@@ -156,11 +154,12 @@ class NeuronPruning(CallbackBase):
                 "then loads rank 0's weights into the uncompacted module of the main process, which fails on the "
                 "smaller shapes. Use strategy='ddp', or call lightning_bv.compact(model, example_input=x) after fit."
             )
-        example = self.example_input
-        if example is None:
-            example = getattr(pl_module, "example_input_array", None)
+        self.bind(trainer, pl_module)
+        example = self.setup_example_input(pl_module)
         if self.groups is None and example is not None:
-            self.groups = find_neurons(pl_module, example, targets=self.targets, exclude=self.exclude)
+            groups, _ = self.find_groups_now(trainer, pl_module, example)
+            assert groups is not None  # found on the example: no training step to run
+            self.publish_groups(trainer, pl_module, groups)
         if is_fsdp2(trainer) and self.at_fit_end:
             surgery_of_later_callbacks_first(trainer, self, pl_module, stage)  # the copy has the layers the fit trains
             self._skeleton = _meta_copy(pl_module)  # before configure_model shards it (a sharded module has no copy)
@@ -180,61 +179,49 @@ class NeuronPruning(CallbackBase):
             self._hook = None
 
     @override
-    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, idx: int) -> None:
-        if self.groups is None:
-            self._discovery.start(pl_module)
-
-    def _finish_discovery(self, pl_module: pl.LightningModule) -> None:
-        groups = self._discovery.finish(pl_module)
-        if groups is not None:
-            self.groups = groups
-
-    @override
-    def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Tensor) -> None:
-        self._finish_discovery(pl_module)
-
-    @override
-    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
-        self._finish_discovery(pl_module)  # in case on_before_backward was not reached (a custom backward)
-
-    @override
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
-        self._discovery.abort()
+        super().on_exception(trainer, pl_module, exception)
         self.teardown(trainer, pl_module, "fit")
 
+    @override
     def __getstate__(self) -> dict[str, Any]:
-        state = dict(self.__dict__)
+        state = super().__getstate__()  # without the groups
         # they hold the module, or name it in this process: never pickled (ddp_spawn)
-        state.update(groups=None, report=None, _hook=None, _shrunk_id=None, _skeleton=None, compacted_model=None)
+        state.update(report=None, _hook=None, _shrunk_id=None, _skeleton=None, compacted_model=None)
         return state
 
     # -- compaction ------------------------------------------------------------------------------------------
     def compact(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, merge_lifted: bool = False
     ) -> CompactionReport | None:
-        """Compact ``pl_module`` now: shrink it, carry the optimizers over, update other callbacks' groups.
+        """Compact ``pl_module`` now: shrink it, carry the optimizers over, replace the groups of every callback.
 
-        ``merge_lifted``: also merge products ``A B`` lifted by ``PathNormRegularization`` back into one dense weight
+        ``merge_lifted``: also merge products ``A B`` lifted by ``RBVRegularization`` back into one dense weight
         where that is smaller (at the end of fit; mid-fit they stay, so that training goes on unchanged).
 
         Returns:
             The report, also kept in :attr:`report` (without ``param_map``, so old Parameters are not kept alive);
             None when no neuron groups are known yet.
         """
-        if self.groups is None:
+        report = self._compact(trainer, pl_module, self.groups, merge_lifted)
+        if report is not None and self._owner is not None:  # every callback of the fit reads the new groups
+            self._owner.replace_after_compaction(self._selection, report)
+        return report
+
+    def _compact(
+        self, trainer: Any, pl_module: pl.LightningModule, groups: NeuronGroups | None, merge_lifted: bool
+    ) -> CompactionReport | None:
+        """Compact ``pl_module`` along ``groups`` and carry ``trainer``'s optimizers over; record the report."""
+        if groups is None:
             rank_zero_warn(
                 f"{type(self).__name__}: no neuron groups were found (no training step ran and no example input was "
                 "given), so nothing was compacted"
             )
             return None
-        report = compact(pl_module, self.groups, tol=self.tol, merge_lifted=merge_lifted)
+        report = compact(pl_module, groups, tol=self.tol, merge_lifted=merge_lifted)
         if report.param_map or report.merged:
             for optimizer in trainer.optimizers:
                 slice_optimizer_state_(optimizer, report.param_map)
-            for cb in trainer.callbacks:  # type: ignore[attr-defined]
-                groups: Any = getattr(cb, "groups", None)
-                if cb is not self and _are_groups(groups):
-                    report.update_groups_(groups)
         report.param_map = {}
         self.report = report
         if report.params_after < report.params_before:  # older checkpoints now need larger sizes to load
@@ -289,16 +276,14 @@ class NeuronPruning(CallbackBase):
         state = get_model_state_dict(pl_module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         if not trainer.is_global_zero or self.groups is None or self._skeleton is None:
             if trainer.is_global_zero and self.groups is None:
-                self.compact(trainer, pl_module)  # warns that no groups were found
+                self._compact(trainer, pl_module, None, False)  # warns that no groups were found
             return
         model, self._skeleton = self._skeleton.to_empty(device="cpu"), None
         resize_to_state_dict_(model, state, grow=True)  # a weight lifted to A B after the copy was made
         model.load_state_dict(state)
-        fsdp_groups, self.groups = self.groups, _rebound(self.groups, model)
-        try:
-            report = self.compact(_NoOptimizers(trainer), model, merge_lifted=True)  # type: ignore[arg-type]
-        finally:
-            self.groups = fsdp_groups  # they describe the sharded module, which keeps training if fit is called again
+        # the copy is compacted alone, along the same groups rebound to it; the shared groups keep describing the
+        # sharded module, which keeps training if fit is called again
+        report = self._compact(_NoOptimizers(trainer), model, _rebound(self.groups, model), merge_lifted=True)
         if report is None:
             return
         self.compacted_model = model
@@ -346,12 +331,6 @@ class NeuronPruning(CallbackBase):
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.history = list(state_dict.get("history", []))
-
-
-def _are_groups(groups: Any) -> bool:
-    return isinstance(groups, NeuronGroups) or (
-        isinstance(groups, (list, tuple)) and len(groups) > 0 and all(isinstance(g, NeuronGroup) for g in groups)
-    )
 
 
 def _compacted(checkpoint: dict[str, Any]) -> bool:
@@ -406,9 +385,8 @@ def _rebound(groups: Any, root: nn.Module) -> NeuronGroups:
 
 
 class _NoOptimizers:
-    """A Trainer seen without optimizers or other callbacks: the gathered copy is compacted alone."""
+    """A Trainer seen without optimizers: the gathered copy is compacted alone."""
 
     def __init__(self, trainer: Any) -> None:
         self.current_epoch = trainer.current_epoch
         self.optimizers: list[Any] = []
-        self.callbacks: list[Any] = []

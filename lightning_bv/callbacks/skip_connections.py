@@ -11,7 +11,7 @@ from torch import nn
 from typing_extensions import override
 
 from lightning_bv._select import Targets, _check_targets, named_modules, select_names, show
-from lightning_bv.callbacks._base import CallbackBase, configure_model_first, warn_if_spawned
+from lightning_bv.callbacks._base import CallbackBase, configure_model_first, example_input_or_array, warn_if_spawned
 from lightning_bv.callbacks._first_step import run_first_training_step
 from lightning_bv.neurons import is_null_space
 from lightning_bv.transforms.skip import _add_skip, _check_skip_args, is_skip, needs_trial, shape_hooks
@@ -21,7 +21,7 @@ class SkipConnections(CallbackBase):
     r"""Wrap each targeted module ``f`` as ``x -> f(x) + C x + c`` with :func:`lightning_bv.add_skip` (THEORY.md 5).
 
     The affine term ``C x + c`` is the null space of the R-BV^2 seminorm: it starts at zero (the function is unchanged)
-    and :class:`PathNormRegularization` never charges it. The surgery runs in ``setup`` of every stage (fit, validate,
+    and :class:`RBVRegularization` never charges it. The surgery runs in ``setup`` of every stage (fit, validate,
     test, predict), which Lightning calls before ``configure_model``, before restoring a checkpoint and before
     building the optimizer, so the optimizer trains ``C`` and ``c`` and the state_dict keys (``f.weight`` becomes
     ``f.module.weight``, next to ``f.skip.weight``) match those of a checkpoint of this run: resuming needs nothing
@@ -59,7 +59,7 @@ class SkipConnections(CallbackBase):
         ValueError: `kind` must be one of ('affine', 'identity'), got 'residual'
     """
 
-    changes_model_in_setup = True  # PathNormRegularization runs this setup first when listed after it
+    changes_model_in_setup = True  # RBVRegularization runs this setup first when listed after it
 
     def __init__(
         self,
@@ -93,9 +93,7 @@ class SkipConnections(CallbackBase):
         if todo:
             if stage == "fit":
                 warn_if_spawned(trainer, who)
-            example = self.example_input
-            if example is None:
-                example = getattr(pl_module, "example_input_array", None)
+            example = example_input_or_array(self.example_input, pl_module)
             shapes = None
             need = {n: modules[n] for n in todo if needs_trial(modules[n], self.kind, n)}
             if example is None and need:

@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_bv.callbacks._discovery import GroupDiscovery
 from lightning_bv.callbacks.bv_monitor import BVMonitor
-from lightning_bv.callbacks.path_norm_regularization import PathNormRegularization
+from lightning_bv.callbacks.rbv_regularization import RBVRegularization
 from lightning_bv.functional.path_norm import path_norm
 from lightning_bv.functional.rbv import neuron_scores
 from lightning_bv.functional.spectral import spectrum
@@ -281,7 +281,7 @@ def test_wandb_function_image_when_the_step_calls_a_child(tmp_path, wandb_run):
 
 def test_works_next_to_path_norm_regularization(tmp_path):
     logger = CSVLogger(tmp_path)
-    callbacks = [PathNormRegularization(lam=1e-3), BVMonitor(every_n_steps=2)]
+    callbacks = [RBVRegularization(lam=1e-3), BVMonitor(every_n_steps=2)]
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)  # no refusal, no missing input
         warnings.filterwarnings("ignore", message=".*(does not have many workers|LeafSpec|litlogger).*")

@@ -9,7 +9,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import lightning_bv as lbv
 from lightning_bv.callbacks.low_rank import LowRank
-from lightning_bv.callbacks.path_norm_regularization import PathNormRegularization
+from lightning_bv.callbacks.rbv_regularization import RBVRegularization
 from lightning_bv.callbacks.skip_connections import SkipConnections
 
 
@@ -138,7 +138,7 @@ def test_prox_drops_components_of_a_low_rank_layer():
     torch.manual_seed(0)
     module = RankTwoRegression()
     cb = LowRank(rank=6)
-    pnr = PathNormRegularization(lam=0.2, mode="prox")
+    pnr = RBVRegularization(lam=0.2, mode="prox")
     # the projection keeps ||V_j|| = 1 and shrinks U's columns; 100 steps killed none yet, 300 kill two
     trainer(callbacks=[cb, pnr], max_steps=300).fit(module)
     assert pnr.groups.names == ["net.0:rank"]
@@ -243,7 +243,7 @@ def test_ddp_low_rank_skip_and_path_norm(tmp_path):
         return [
             LowRank(energy=0.9, exclude=["net.4"]),
             SkipConnections(targets=["net.2"]),
-            PathNormRegularization(lam=0.05, mode="prox"),
+            RBVRegularization(lam=0.05, mode="prox"),
         ]
 
     kw = {"max_steps": 6, "use_distributed_sampler": False}

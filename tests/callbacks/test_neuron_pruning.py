@@ -10,7 +10,7 @@ from helpers import EvalMLP, MLPModule, regression_data, trainer
 from torch import nn
 
 import lightning_bv as lbv
-from lightning_bv.callbacks import PathNormRegularization
+from lightning_bv.callbacks import RBVRegularization
 from lightning_bv.callbacks.neuron_pruning import NeuronPruning
 from lightning_bv.transforms.compact import compact, resize_to_state_dict_
 
@@ -43,7 +43,7 @@ class Probe(pl.Callback):
 def test_compacts_at_fit_end_same_function_logs_and_updates_other_callbacks(tmp_path):
     torch.manual_seed(0)
     module = MLPModule(lr=0.05)
-    path_norm = PathNormRegularization(lam=2.0)
+    path_norm = RBVRegularization(lam=2.0)
     pruning = NeuronPruning()
     probe = Probe()
     logger = pl.loggers.CSVLogger(tmp_path, name="run")
@@ -60,9 +60,11 @@ def test_compacts_at_fit_end_same_function_logs_and_updates_other_callbacks(tmp_
     assert [module.net[0].out_features, module.net[2].out_features] == widths
     assert module.net[2].in_features == widths[0]
     assert module.net[4].in_features == widths[1]
-    # PathNormRegularization's groups were updated in place and match discovery on the new module
+    # RBVRegularization reads the groups of the compacted model, which match discovery on the new module; both
+    # callbacks read the one set of groups of the module (NeuronPruning edits no other callback)
     assert [g.num_neurons for g in path_norm.groups] == widths
-    assert path_norm.groups is not pruning.groups
+    assert path_norm.groups is pruning.groups is report.neuron_groups
+    assert [g.num_neurons for g in lbv.find_neurons(module, FIXED[0])] == widths
     lbv.rbv_norm(path_norm.groups)  # usable
     # logged on rank zero to the logger (pl_module.log is not allowed in on_fit_end)
     with open(f"{logger.log_dir}/metrics.csv") as f:
@@ -79,7 +81,7 @@ def test_every_n_epochs_keeps_training_without_a_jump():
     module = MLPModule(lr=0.02, optimizer="adam")
     before, after = Probe(), Probe()
     pruning = NeuronPruning(every_n_epochs=1, on_fit_end=False)
-    callbacks = [PathNormRegularization(lam=5.0), before, pruning, after]
+    callbacks = [RBVRegularization(lam=5.0), before, pruning, after]
     t = trainer(callbacks=callbacks, max_epochs=4, max_steps=-1)
     t.fit(module)
     assert t.global_step == 16  # 4 epochs of 4 steps: training went on after each compaction
@@ -116,7 +118,7 @@ def test_resume_after_mid_training_compaction_matches_uninterrupted(tmp_path):
         module = copy.deepcopy(start)
         pruning = NeuronPruning(every_n_epochs=1, on_fit_end=False)
         save = pl.callbacks.ModelCheckpoint(dirpath=tmp_path / folder, save_last=True)
-        callbacks = [PathNormRegularization(lam=5.0), pruning, save]
+        callbacks = [RBVRegularization(lam=5.0), pruning, save]
         trainer(callbacks=callbacks, max_epochs=max_epochs, max_steps=-1, enable_checkpointing=True).fit(
             module, ckpt_path=ckpt
         )
@@ -144,7 +146,7 @@ def test_any_checkpoint_of_the_run_tests_before_or_after_compaction(tmp_path):
     pruning = NeuronPruning(every_n_epochs=1)
     save = pl.callbacks.ModelCheckpoint(dirpath=tmp_path, monitor="val_loss", save_top_k=-1, save_last=True)
     t = trainer(
-        callbacks=[PathNormRegularization(lam=2.0), pruning, save],
+        callbacks=[RBVRegularization(lam=2.0), pruning, save],
         max_epochs=3,
         max_steps=-1,
         enable_checkpointing=True,
@@ -196,7 +198,7 @@ def test_compacted_model_saved_next_to_the_checkpoints_without_save_last(tmp_pat
     save = pl.callbacks.ModelCheckpoint(dirpath=tmp_path)
     module = EvalMLP()
     trainer(
-        callbacks=[PathNormRegularization(lam=2.0), pruning, save],
+        callbacks=[RBVRegularization(lam=2.0), pruning, save],
         max_epochs=2,
         max_steps=-1,
         enable_checkpointing=True,
@@ -284,13 +286,13 @@ import sys
 sys.path.insert(0, {tests!r})
 import torch
 from helpers import MLPModule, trainer
-from lightning_bv.callbacks import PathNormRegularization
+from lightning_bv.callbacks import RBVRegularization
 from lightning_bv.callbacks.neuron_pruning import NeuronPruning
 
 torch.manual_seed(0)
 module = MLPModule(lr=0.05)
 pruning = NeuronPruning()
-t = trainer(callbacks=[PathNormRegularization(lam=2.0), pruning], strategy="ddp", devices=2, max_steps=12)
+t = trainer(callbacks=[RBVRegularization(lam=2.0), pruning], strategy="ddp", devices=2, max_steps=12)
 t.fit(module)
 torch.save(module.state_dict(), {out!r} + f"/rank{{t.global_rank}}.pt")
 """
