@@ -45,16 +45,37 @@ def assert_same_function(model, reference, inputs):
 
 
 def compact_and_check(model, x, which, tol=0.0, regularized_only=True):
-    """Kill neurons, compact with tol, check the function on fresh inputs; return the report."""
+    """Kill neurons, compact with tol, check the function on fresh inputs; return the report and its new groups.
+
+    The groups passed to compact are left as they were.
+    """
     model.eval()
     groups = lbv.find_neurons(model, x)
     kill(groups, which, regularized_only)
     reference = copy.deepcopy(model)
+    before = layout(groups)
     report = compact(model, groups, tol=tol)
+    assert layout(groups) == before
     g = torch.Generator().manual_seed(1)
     fresh = [torch.randn(x.shape, generator=g, dtype=x.dtype), 3 * torch.randn(x.shape, generator=g, dtype=x.dtype)]
     assert_same_function(model, reference, [x, *fresh])
-    return report, groups
+    return report, report.neuron_groups
+
+
+def layout(groups):
+    """Everything a group says about where its neurons are: counts, slot objects, indices, conv groups."""
+    return [
+        (
+            g.name,
+            g.num_neurons,
+            [
+                (id(s), s.module_name, s.param, s.dim, s.factor, getattr(s, "groups", None))
+                + (None if s.index is None else (id(s.index), s.index.tolist()),)
+                for s in g.slots()
+            ],
+        )
+        for g in groups
+    ]
 
 
 def summary(groups):
@@ -62,7 +83,7 @@ def summary(groups):
 
 
 def assert_groups_equal(updated, found):
-    """The groups compaction updated in place are the ones discovery finds on the compacted model."""
+    """The groups compaction made (or updated) are the ones discovery finds on the compacted model."""
     assert [g.name for g in updated] == [g.name for g in found]
     for a, b in zip(updated, found):
         assert a.num_neurons == b.num_neurons, a.name
@@ -198,7 +219,7 @@ def test_mlp_shapes_report_and_reload():
     assert "neurons 22 -> 16" in text
     assert f"parameters {before:,} -> {report.params_after:,}" in text
     assert "12 -> 9" in text
-    # the groups passed in were updated, and discovery on the new model agrees
+    # the new groups have the new sizes, and discovery on the new model agrees
     assert summary(groups) == {"0": 9, "2": 7}
     assert_groups_equal(groups, lbv.find_neurons(model, x))
     # the state_dict loads into a model built at the new sizes
@@ -351,7 +372,7 @@ def test_low_rank_components_and_neurons(kind):
     assert [s.factor for s in groups["2"].w_slots] == [True]
     kill(groups, {"0": [0, 5], "0:rank": [3], "2": [1]})
     reference = copy.deepcopy(model)
-    compact(model, groups)
+    groups = compact(model, groups).neuron_groups
     assert_same_function(model, reference, [x, torch.randn_like(x)])
     assert is_low_rank(model[0])
     assert is_low_rank(model[2])
@@ -554,8 +575,9 @@ def test_groups_of_another_model_or_stale_groups():
     report = compact(model, first)
     with pytest.raises(ValueError, match="the groups are stale"):
         compact(model, second)
-    report.update_groups_(second)
-    assert_groups_equal(second, first)
+    assert_groups_equal(report.remap(second), report.neuron_groups)
+    report.update_groups_(second)  # in place, as before
+    assert_groups_equal(second, report.neuron_groups)
     compact(model, second)  # valid again
 
 
