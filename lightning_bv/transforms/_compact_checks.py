@@ -118,7 +118,8 @@ class ModelIndex:
         extra += sorted(set(m._buffers) - set(shrinker.buffers))
         if extra:
             raise CannotShrink(
-                f"'{name}' ({type(m).__name__}) has tensors {extra} that compact does not know how to shrink"
+                f"'{name}' ({type(m).__name__}) has tensors {extra} that compact does not know how to shrink "
+                f"(register a LayerShrinker for {type(m).__name__} with lightning_bv.register_layer_shrinker)"
             )
         if any(isinstance(p, nn.parameter.UninitializedParameter) for p in m.parameters()):
             raise CannotShrink(f"'{name}' is a lazy module that is not initialized yet")

@@ -12,6 +12,9 @@ and which entries it kept, and :func:`~lightning_bv.transforms.resize.slice_opti
 over so training goes on. :func:`~lightning_bv.transforms.resize.resize_to_state_dict_` gives a freshly built model
 the sizes of a compacted model's ``state_dict`` so that it loads (resuming from a checkpoint saved after compaction).
 
+Each layer is shrunk by the :class:`~lightning_bv.transforms.shrinkers.LayerShrinker` registered for its type;
+:func:`~lightning_bv.transforms.shrinkers.register_layer_shrinker` adds a layer type of your own.
+
 With ``tol=0`` the function is unchanged. A neuron is only removed when its contribution is provably zero or charged
 by the score: a neuron whose skip-connection (unregularized) consumer weights are nonzero, or whose input weights are
 zero but whose output is a nonzero constant, still contributes; it is kept and counted in the report.

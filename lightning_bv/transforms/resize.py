@@ -30,7 +30,8 @@ def slice_optimizer_state_(optimizer: torch.optim.Optimizer, param_map: Mapping[
     For each old Parameter in ``optimizer.param_groups`` found in ``param_map`` (``CompactionReport.param_map``), the
     new Parameter takes its place, and every state tensor shaped like the old Parameter (SGD ``momentum_buffer``,
     Adam ``exp_avg``, ``exp_avg_sq``, ``max_exp_avg_sq``...) is sliced to the kept entries; other state (``step``)
-    is kept. Training then goes on as if the removed neurons had never existed.
+    is kept. Training then goes on as if the removed neurons had never existed. No layer type is needed: the kept
+    indices per dim that each layer's shrinker recorded (built in or registered) say how to slice.
 
     Returns:
         The number of Parameters swapped.
@@ -75,8 +76,9 @@ def resize_to_state_dict_(
     """Give the layers of ``model`` the sizes their entries have in ``state_dict`` (a compacted model's), in place.
 
     So that the ``state_dict`` of a compacted model loads into a freshly built model of the original sizes: every
-    Linear, Conv (grouped and depthwise too), Hugging Face Conv1D, BatchNorm, PReLU and low-rank layer whose saved
-    tensors are smaller gets new, uninitialized
+    Linear, Conv (grouped and depthwise too), Hugging Face Conv1D, BatchNorm, PReLU and low-rank layer (and every
+    layer type registered with :func:`~lightning_bv.transforms.shrinkers.register_layer_shrinker` whose shrinker
+    resizes) whose saved tensors are smaller gets new, uninitialized
     Parameters and buffers of the saved sizes and updated size attributes; ``model.load_state_dict(state_dict)`` then
     fills them. Layers whose entries are missing or already match are left alone, and so are layers whose saved
     features or channels are *larger* (compaction only shrinks; the saved rank of a low-rank layer may be either):
