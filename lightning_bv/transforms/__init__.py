@@ -13,12 +13,14 @@ from lightning_bv.transforms.low_rank import (
     remove_low_rank,
 )
 from lightning_bv.transforms.resize import resize_to_state_dict_, slice_optimizer_state_
+from lightning_bv.transforms.shrinkers import LayerShrinker, register_layer_shrinker
 from lightning_bv.transforms.skip import AffineSkip, add_skip, affine_skip_for, is_skip, remove_skip
 
 __all__ = [
     "AffineSkip",
     "CompactionReport",
     "GroupCompaction",
+    "LayerShrinker",
     "LiftReport",
     "LowRankWeight",
     "add_skip",
@@ -28,11 +30,12 @@ __all__ = [
     "factorize",
     "is_lifted",
     "is_low_rank",
-    "lift_shared_weights",
     "is_skip",
+    "lift_shared_weights",
     "low_rank_factors",
     "low_rank_live_components",
     "low_rank_rank",
+    "register_layer_shrinker",
     "remove_low_rank",
     "remove_skip",
     "resize_to_state_dict_",

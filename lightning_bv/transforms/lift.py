@@ -39,11 +39,11 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from lightning_bv._layers import WEIGHTED
+from lightning_bv._layers import WEIGHTED, LowRankWeight, low_rank_factors
 from lightning_bv._sharding import refuse_split
 from lightning_bv.functional.rbv import prox_
-from lightning_bv.neurons import NeuronGroup, NeuronGroups, find_neurons, low_rank_factors, own_factors, shared_weights
-from lightning_bv.transforms.low_rank import LowRankWeight, _apply_ranks, _plist
+from lightning_bv.neurons import NeuronGroup, NeuronGroups, find_neurons, own_factors, shared_weights
+from lightning_bv.transforms.low_rank import _apply_ranks, _plist
 
 
 @dataclass

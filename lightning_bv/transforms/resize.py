@@ -9,19 +9,18 @@ uses them to slice optimizer state after each compaction and to resize the model
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
-from typing import Any, cast
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from lightning_bv._layers import ANY_BATCH_NORM as _BN
 from lightning_bv._layers import FACTOR_U as _U
 from lightning_bv._layers import FACTOR_V as _V
-from lightning_bv._layers import WEIGHTED, low_rank_factors, low_rank_weight, set_low_rank_factors
-from lightning_bv.neurons import is_conv1d
+from lightning_bv._layers import WEIGHTED, low_rank_factors
+from lightning_bv.transforms._shrinker import take as _take
+from lightning_bv.transforms.shrinkers import shrinker_for
 
 
 @torch.no_grad()
@@ -31,7 +30,8 @@ def slice_optimizer_state_(optimizer: torch.optim.Optimizer, param_map: Mapping[
     For each old Parameter in ``optimizer.param_groups`` found in ``param_map`` (``CompactionReport.param_map``), the
     new Parameter takes its place, and every state tensor shaped like the old Parameter (SGD ``momentum_buffer``,
     Adam ``exp_avg``, ``exp_avg_sq``, ``max_exp_avg_sq``...) is sliced to the kept entries; other state (``step``)
-    is kept. Training then goes on as if the removed neurons had never existed.
+    is kept. Training then goes on as if the removed neurons had never existed. No layer type is needed: the kept
+    indices per dim that each layer's shrinker recorded (built in or registered) say how to slice.
 
     Returns:
         The number of Parameters swapped.
@@ -76,8 +76,9 @@ def resize_to_state_dict_(
     """Give the layers of ``model`` the sizes their entries have in ``state_dict`` (a compacted model's), in place.
 
     So that the ``state_dict`` of a compacted model loads into a freshly built model of the original sizes: every
-    Linear, Conv (grouped and depthwise too), Hugging Face Conv1D, BatchNorm, PReLU and low-rank layer whose saved
-    tensors are smaller gets new, uninitialized
+    Linear, Conv (grouped and depthwise too), Hugging Face Conv1D, BatchNorm, PReLU and low-rank layer (and every
+    layer type registered with :func:`~lightning_bv.transforms.shrinkers.register_layer_shrinker` whose shrinker
+    resizes) whose saved tensors are smaller gets new, uninitialized
     Parameters and buffers of the saved sizes and updated size attributes; ``model.load_state_dict(state_dict)`` then
     fills them. Layers whose entries are missing or already match are left alone, and so are layers whose saved
     features or channels are *larger* (compaction only shrinks; the saved rank of a low-rank layer may be either):
@@ -136,105 +137,15 @@ def _restructure(m: Any, saved: dict[str, Tensor]) -> bool:
     return False
 
 
-def _resize_module(m: Any, saved: dict[str, Tensor], grow: bool = False) -> bool:
-    def fresh(old: Any, shape: tuple[int, ...]) -> Any:
-        new = old.new_empty(shape)
-        return nn.Parameter(new, requires_grad=old.requires_grad) if isinstance(old, nn.Parameter) else new
-
-    if isinstance(m, nn.PReLU):
-        w = saved.get("weight")
-        if w is None or w.shape == m.weight.shape or w.dim() != 1 or (w.shape[0] > m.weight.shape[0] and not grow):
-            return False
-        m.weight, m.num_parameters = fresh(m.weight, tuple(w.shape)), int(w.shape[0])
-        return True
-    if isinstance(m, _BN):
-        w = next((saved[k] for k in ("weight", "running_mean") if k in saved), None)
-        if w is None or w.dim() != 1 or w.shape[0] == m.num_features or (w.shape[0] > m.num_features and not grow):
-            return False
-        for attr in ("weight", "bias", "running_mean", "running_var"):
-            if getattr(m, attr) is not None:
-                setattr(m, attr, fresh(getattr(m, attr), (int(w.shape[0]),)))
-        m.num_features = int(w.shape[0])
-        return True
-    if is_conv1d(m):  # Hugging Face Conv1D: weight [in, out]
-        w = saved.get("weight")
-        if w is None or w.shape == m.weight.shape or w.dim() != 2 or w.shape[0] > m.nx or w.shape[1] > m.nf:
-            return False
-        m.weight, m.bias = fresh(m.weight, tuple(w.shape)), fresh(m.bias, (int(w.shape[1]),))
-        m.nx, m.nf = int(w.shape[0]), int(w.shape[1])
-        return True
-    if not isinstance(m, WEIGHTED):
-        return False
-    if getattr(m, "groups", 1) != 1:
-        return _resize_grouped(m, saved, fresh)
-    kernel = tuple(m.weight.shape[2:])
-    old_out, old_in = int(m.weight.shape[0]), int(m.weight.shape[1])
-    factors = low_rank_factors(m)
-    if factors is None:
-        w = saved.get("weight")
-        if w is None or w.shape == m.weight.shape or w.dim() < 2 or tuple(w.shape[2:]) != kernel:
-            return False
-        out, inp = int(w.shape[0]), int(w.shape[1])
-        if (out > old_out or inp > old_in) and not grow:
-            return False
-        m.weight = fresh(m.weight, tuple(w.shape))
-    else:
-        u, v = saved.get(_U), saved.get(_V)
-        if u is None or v is None or (u.shape, v.shape) == (factors[0].shape, factors[1].shape):
-            return False
-        if u.dim() != 2 or v.dim() != 2 or u.shape[1] != v.shape[0] or v.shape[1] % max(math.prod(kernel), 1):
-            return False
-        out, inp = int(u.shape[0]), int(v.shape[1]) // max(math.prod(kernel), 1)
-        if (out > old_out or inp > old_in) and not grow:
-            return False
-        set_low_rank_factors(m, fresh(factors[0], tuple(u.shape)), fresh(factors[1], tuple(v.shape)))
-        lrw = cast(Any, low_rank_weight(m))
-        lrw.weight_shape, lrw.rank = (out, inp, *kernel), int(u.shape[1])
-    if m.bias is not None:
-        m.bias = fresh(m.bias, (out,))
-    linear = isinstance(m, nn.Linear)
-    setattr(m, "out_features" if linear else "out_channels", out)
-    setattr(m, "in_features" if linear else "in_channels", inp)
-    return True
-
-
-def _resize_grouped(m: Any, saved: dict[str, Tensor], fresh: Any) -> bool:
-    """Resize a grouped conv the way compaction shrinks one.
-
-    A depthwise-like conv (one input channel per group) loses whole groups and keeps its outputs per group; any other
-    keeps its groups, with fewer channels in each.
-    """
-    w = saved.get("weight")
-    if w is None or w.shape == m.weight.shape or w.dim() != m.weight.dim() or w.shape[2:] != m.weight.shape[2:]:
-        return False
-    groups, ipg, opg = int(m.groups), int(m.weight.shape[1]), int(m.out_channels) // int(m.groups)
-    out, ipg_new = int(w.shape[0]), int(w.shape[1])
-    new_groups = out // opg if ipg == 1 else groups
-    if out > m.out_channels or ipg_new > ipg or out % new_groups or (ipg == 1 and (ipg_new != 1 or out % opg)):
-        return False
-    m.weight = fresh(m.weight, tuple(w.shape))
-    if m.bias is not None:
-        m.bias = fresh(m.bias, (out,))
-    m.groups, m.out_channels, m.in_channels = new_groups, out, new_groups * ipg_new
-    return True
+def _resize_module(m: nn.Module, saved: dict[str, Tensor], grow: bool = False) -> bool:
+    """Resize ``m`` with its layer type's shrinker (a module without one is left alone)."""
+    shrinker = shrinker_for(m)
+    return shrinker is not None and shrinker.resize(m, saved, grow)
 
 
 # ------------------------------------------------------------------------------------------------------------
 # slicing
 # ------------------------------------------------------------------------------------------------------------
-def _take(t: Tensor, keep: tuple[Tensor | None, ...]) -> Tensor:
-    for dim, idx in enumerate(keep):
-        if idx is None:
-            continue
-        if idx.dim() == 2:  # per-row columns (each group of a grouped conv keeps its own input channels)
-            t = t.gather(
-                dim, idx.to(t.device).reshape(*idx.shape, *([1] * (t.dim() - 2))).expand(*idx.shape, *t.shape[2:])
-            )
-        else:
-            t = t.index_select(dim, idx.to(t.device))
-    return t.contiguous()
-
-
 def _slice_like(value: Any, old: Tensor, keep: tuple[Tensor | None, ...]) -> Any:
     if isinstance(value, Tensor) and value.dim() > 0 and value.shape == old.shape:
         return _take(value, keep)

@@ -45,16 +45,37 @@ def assert_same_function(model, reference, inputs):
 
 
 def compact_and_check(model, x, which, tol=0.0, regularized_only=True):
-    """Kill neurons, compact with tol, check the function on fresh inputs; return the report."""
+    """Kill neurons, compact with tol, check the function on fresh inputs; return the report and its new groups.
+
+    The groups passed to compact are left as they were.
+    """
     model.eval()
     groups = lbv.find_neurons(model, x)
     kill(groups, which, regularized_only)
     reference = copy.deepcopy(model)
+    before = layout(groups)
     report = compact(model, groups, tol=tol)
+    assert layout(groups) == before
     g = torch.Generator().manual_seed(1)
     fresh = [torch.randn(x.shape, generator=g, dtype=x.dtype), 3 * torch.randn(x.shape, generator=g, dtype=x.dtype)]
     assert_same_function(model, reference, [x, *fresh])
-    return report, groups
+    return report, report.neuron_groups
+
+
+def layout(groups):
+    """Everything a group says about where its neurons are: counts, slot objects, indices, conv groups."""
+    return [
+        (
+            g.name,
+            g.num_neurons,
+            [
+                (id(s), s.module_name, s.param, s.dim, s.factor, getattr(s, "groups", None))
+                + (None if s.index is None else (id(s.index), s.index.tolist()),)
+                for s in g.slots()
+            ],
+        )
+        for g in groups
+    ]
 
 
 def summary(groups):
@@ -62,7 +83,7 @@ def summary(groups):
 
 
 def assert_groups_equal(updated, found):
-    """The groups compaction updated in place are the ones discovery finds on the compacted model."""
+    """The groups compaction made (or updated) are the ones discovery finds on the compacted model."""
     assert [g.name for g in updated] == [g.name for g in found]
     for a, b in zip(updated, found):
         assert a.num_neurons == b.num_neurons, a.name
@@ -198,7 +219,7 @@ def test_mlp_shapes_report_and_reload():
     assert "neurons 22 -> 16" in text
     assert f"parameters {before:,} -> {report.params_after:,}" in text
     assert "12 -> 9" in text
-    # the groups passed in were updated, and discovery on the new model agrees
+    # the new groups have the new sizes, and discovery on the new model agrees
     assert summary(groups) == {"0": 9, "2": 7}
     assert_groups_equal(groups, lbv.find_neurons(model, x))
     # the state_dict loads into a model built at the new sizes
@@ -351,7 +372,7 @@ def test_low_rank_components_and_neurons(kind):
     assert [s.factor for s in groups["2"].w_slots] == [True]
     kill(groups, {"0": [0, 5], "0:rank": [3], "2": [1]})
     reference = copy.deepcopy(model)
-    compact(model, groups)
+    groups = compact(model, groups).neuron_groups
     assert_same_function(model, reference, [x, torch.randn_like(x)])
     assert is_low_rank(model[0])
     assert is_low_rank(model[2])
@@ -554,8 +575,9 @@ def test_groups_of_another_model_or_stale_groups():
     report = compact(model, first)
     with pytest.raises(ValueError, match="the groups are stale"):
         compact(model, second)
-    report.update_groups_(second)
-    assert_groups_equal(second, first)
+    assert_groups_equal(report.remap(second), report.neuron_groups)
+    report.update_groups_(second)  # in place, as before
+    assert_groups_equal(second, report.neuron_groups)
     compact(model, second)  # valid again
 
 
@@ -753,3 +775,88 @@ def test_compact_keeps_channels_last():
     assert model[0].weight.shape[0] == 6
     assert all(m.weight.is_contiguous(memory_format=torch.channels_last) for m in (model[0], model[3]))
     assert model(x).is_contiguous(memory_format=torch.channels_last)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the groups after compaction: new ones, the old ones untouched, remap
+# ---------------------------------------------------------------------------------------------------------------
+REMAP_CASES = [
+    (mlp, (8, 5), {"0": [1, 4, 7], "2": [0, 3]}),
+    (cnn, (8, 1, 8, 8), {"0": [1], "6": [2]}),
+    (Concat, (8, 3), {"right": [1, 3], "left": [0]}),
+    (GroupedConsumer, (2, 3, 5, 5), {"a": [1, 6]}),
+    (DepthwiseBlock, (2, 3, 6, 6), {"pw1": [4], "dw": [4, 5]}),
+]
+
+
+@pytest.mark.parametrize(("make", "shape", "which"), REMAP_CASES, ids=lambda c: getattr(c, "__name__", None))
+def test_passed_groups_are_untouched_and_new_groups_match_discovery(make, shape, which):
+    model = make()
+    x = torch.randn(shape)
+    if any(isinstance(m, nn.BatchNorm2d) for m in model.modules()):
+        trained_stats(model, x)
+    model.eval()
+    groups = lbv.find_neurons(model, x)
+    kill(groups, which)
+    before, sizes = layout(groups), summary(groups)
+    report = compact(model, groups)
+    assert report.params_after < report.params_before
+    assert layout(groups) == before  # same counts, same slot objects, same indices
+    assert summary(groups) == sizes
+    new = report.neuron_groups
+    assert isinstance(new, lbv.NeuronGroups)
+    assert not {id(g) for g in new} & {id(g) for g in groups}
+    assert not {id(s) for g in new for s in g.slots()} & {id(s) for g in groups for s in g.slots()}
+    fresh = lbv.find_neurons(model, x)
+    assert_groups_equal(new, fresh)
+    assert [r.after for r in report.groups] == [g.num_neurons for g in new]
+    # usable on the compacted model: the same seminorm as groups found on it
+    want = lbv.rbv_norm(fresh)
+    torch.testing.assert_close(lbv.rbv_norm(new), want, rtol=16 * torch.finfo(want.dtype).eps, atol=0.0)
+
+
+@pytest.mark.parametrize(("make", "shape", "which"), REMAP_CASES, ids=lambda c: getattr(c, "__name__", None))
+def test_remap_gives_other_groups_of_the_model_as_discovery_finds_them(make, shape, which):
+    model = make()
+    x = torch.randn(shape)
+    model.eval()
+    mine, theirs = lbv.find_neurons(model, x), lbv.find_neurons(model, x)
+    kill(mine, which)
+    before = layout(theirs)
+    report = compact(model, mine)
+    remapped = report.remap(theirs)
+    assert layout(theirs) == before  # left as they were
+    assert isinstance(remapped, lbv.NeuronGroups)
+    assert remapped.skipped == theirs.skipped
+    assert_groups_equal(remapped, lbv.find_neurons(model, x))
+    assert_groups_equal(report.remap(report.neuron_groups), report.neuron_groups)  # already current: copied
+    # update_groups_ still updates in place, and leaves groups that are already current alone
+    assert report.update_groups_(theirs) is theirs
+    assert_groups_equal(theirs, remapped)
+    current = layout(report.neuron_groups)
+    report.update_groups_(report.neuron_groups)
+    assert layout(report.neuron_groups) == current
+
+
+def test_new_groups_of_a_merged_lifted_chain_read_the_dense_weights():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 1))
+    x = torch.randn(8, 4)
+    groups = lbv.find_neurons(model, x)
+    other = lbv.find_neurons(model, x)  # found before the lift: on the dense weight
+    lbv.lift_shared_weights(model, groups)
+    kill(groups, {"0": [1, 2]})
+    before = layout(groups)
+    report = compact(model, groups)
+    assert report.merged == ["2"]
+    assert layout(groups) == before
+
+    def factors(gs):
+        return [s.factor for g in gs for s in g.w_slots + g.v_slots if s.module_name == "2"]
+
+    assert factors(groups) == [True, True]
+    assert factors(report.neuron_groups) == [False, False]
+    assert report.neuron_groups.lifted == groups.lifted == ["2"]
+    fresh = lbv.find_neurons(model, x)
+    assert_groups_equal(report.neuron_groups, fresh)
+    assert_groups_equal(report.remap(other), fresh)
