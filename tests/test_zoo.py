@@ -76,6 +76,7 @@ def test_compact_removes_dead_neurons_and_keeps_the_function(case):
     kill(groups)
     reference = copy.deepcopy(model)
     report = lbv.compact(model, groups)
+    groups = report.neuron_groups  # new groups for the compacted model
     assert report.params_after < report.params_before
     assert_close(model, reference, example)
     rows = {r.name: r for r in report.groups}
@@ -85,7 +86,7 @@ def test_compact_removes_dead_neurons_and_keeps_the_function(case):
             assert row.note.startswith("left whole: "), (name, row)
         else:
             assert row.after < row.before, (name, row)
-    # the updated groups are the ones discovery finds on the compacted model
+    # the new groups are the ones discovery finds on the compacted model
     again = lbv.find_neurons(model, example)
     assert [(g.name, g.num_neurons) for g in again] == [(g.name, g.num_neurons) for g in groups]
     for a, b in zip(groups, again):

@@ -60,14 +60,12 @@ class ModuleGroups:
         """After compacting the groups of ``selection``: hold ``report.neuron_groups``, and bring the others along.
 
         The groups of other selections (callbacks with other ``targets``) describe the old sizes: they are replaced by
-        what :meth:`CompactionReport.update_groups_` returns for them.
+        new ones, :meth:`CompactionReport.remap` of them; no group object is changed in place.
         """
         assert report.neuron_groups is not None
         for key, old in list(self._groups.items()):
-            if key == selection:
-                continue
-            new = report.update_groups_(old)
-            self._groups[key] = new if isinstance(new, NeuronGroups) else NeuronGroups(list(new), old.skipped)
+            if key != selection:
+                self._groups[key] = report.remap(old)
         self._groups[selection] = report.neuron_groups
 
 
