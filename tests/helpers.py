@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytorch_lightning as pl
 import torch
 from torch import nn
@@ -172,3 +174,31 @@ def gathered_state(module: nn.Module) -> dict[str, torch.Tensor]:
         v = v.full_tensor() if hasattr(v, "full_tensor") else v
         out[k] = v.detach().cpu().clone()
     return out
+
+
+def snapshot(model: nn.Module) -> dict[str, Any]:
+    """Everything a failed call must leave as it was."""
+    return {
+        "state": {k: v.detach().clone() for k, v in model.state_dict().items()},
+        "types": [(n, type(m)) for n, m in model.named_modules()],
+        "params": [(n, id(p)) for n, p in model.named_parameters()],
+        "grads": [None if p.grad is None else p.grad.clone() for p in model.parameters()],
+        "hooks": [
+            (len(m._forward_hooks), len(m._forward_pre_hooks), len(m._load_state_dict_pre_hooks))
+            for m in model.modules()
+        ],
+        "training": [m.training for m in model.modules()],
+    }
+
+
+def assert_unchanged(model: nn.Module, before: dict[str, Any]) -> None:
+    after = snapshot(model)
+    for key in ("types", "params", "hooks", "training"):
+        assert after[key] == before[key], key
+    assert list(after["state"]) == list(before["state"])
+    for k, v in before["state"].items():
+        torch.testing.assert_close(after["state"][k], v, rtol=0, atol=0, equal_nan=True, msg=k)
+    for g, h in zip(after["grads"], before["grads"]):
+        assert (g is None) == (h is None)
+        if g is not None:
+            torch.testing.assert_close(g, h, rtol=0, atol=0, equal_nan=True)

@@ -11,6 +11,7 @@ layers and strategies that cannot work are refused at ``setup``, before the mode
 from __future__ import annotations
 
 import copy
+import math
 import types
 from collections.abc import Callable
 from typing import Any
@@ -18,12 +19,15 @@ from typing import Any
 import pytest
 import pytorch_lightning as pl
 import torch
-from helpers import ManualMLP, MLPModule, trainer
+from helpers import ManualMLP, MLPModule, assert_unchanged, snapshot, trainer
+from models import low_rank_mlp, mlp, skip_mlp
 from torch import nn
 
 import lightning_bv as lbv
 from lightning_bv.callbacks import LowRank, NeuronPruning, PathNormRegularization, SkipConnections
+from lightning_bv.functional import effective_rank, singular_values, stable_rank
 from lightning_bv.functional.rbv import NonFiniteWeightsError, add_rbv_grad_, add_weight_decay_grad_
+from lightning_bv.modules import BVModule, DiabetesData, DigitsData, SplineData
 from lightning_bv.transforms.compact import resize_to_state_dict_
 
 try:
@@ -36,28 +40,32 @@ NAN = float("nan")
 MATCH_NOTHING = r"'nope' matched no module\. A str is a regex.*Available: \["
 
 
-def mlp() -> nn.Module:
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(3, 6), nn.ReLU(), nn.Linear(6, 6), nn.ReLU(), nn.Linear(6, 2))
-
-
 def bn_mlp() -> nn.Module:
     """Its forward updates BatchNorm's running statistics, then fails (the last layer expects 5 features)."""
     torch.manual_seed(0)
     return nn.Sequential(nn.Linear(3, 6), nn.BatchNorm1d(6), nn.ReLU(), nn.Linear(5, 2))
 
 
-def low_rank_mlp() -> nn.Module:
-    return lbv.apply_low_rank(mlp(), rank=2, targets=["2"])
+def low_rank_middle_mlp() -> nn.Module:
+    return low_rank_mlp(2, ["2"])
 
 
 def low_rank_head_mlp() -> nn.Module:
     """The last layer is low-rank: the group before it reads the product U V (no group owns U)."""
-    return lbv.apply_low_rank(mlp(), rank=1, targets=["4"])
+    return low_rank_mlp(1, ["4"])
 
 
-def skip_mlp() -> nn.Module:
-    return lbv.add_skip(mlp(), ["2"])
+def skip_middle_mlp() -> nn.Module:
+    return skip_mlp(["2"])
+
+
+def ten_neuron_mlp() -> nn.Module:
+    """One group '0' of 10 neurons (for per-neuron thresholds)."""
+    return mlp([3, 10, 2])
+
+
+def nadam(model: nn.Module) -> torch.optim.Optimizer:
+    return torch.optim.NAdam(model.parameters(), lr=0.02)
 
 
 def nan_mlp() -> nn.Module:
@@ -147,6 +155,16 @@ FUNCTION_ROWS: list[tuple[str, Callable[[], nn.Module], Callable[[nn.Module], An
     ("add_rbv_grad_-lam", mlp, lambda m: add_rbv_grad_(groups(m), -0.1), ValueError, r"`lam` must be a finite value >= 0, got -0\.1"),
     ("add_weight_decay_grad_-lam", mlp, lambda m: add_weight_decay_grad_(groups(m), "big"), TypeError, r"`lam` must be a number \(the regularization strength\), got str"),
     ("add_weight_decay_grad_-inf-weights", nan_mlp, lambda m: add_weight_decay_grad_(groups(m), 0.1, on_nonfinite="raise"), NonFiniteWeightsError, r"group '0' has non-finite weights"),
+    ("proximal_step_-first-int", mlp, lambda m: lbv.proximal_step_(groups(m), 0.1, first=1), TypeError, r"`first` must be a bool \(True at the first update of a run\), got 1"),
+    # the optimizer's thresholds
+    ("prox_thresholds-optimizer", mlp, lambda m: lbv.prox_thresholds(groups(m), nn.Linear(1, 1), lam=0.5), TypeError, r"`optimizer` must be a torch.optim.Optimizer, got Linear"),
+    ("prox_thresholds-lam", mlp, lambda m: lbv.prox_thresholds(groups(m), nadam(m), lam=-1), ValueError, r"`lam` must be a finite value >= 0, got -1"),
+    ("prox_thresholds-lrs-length", mlp, lambda m: lbv.prox_thresholds(groups(m), nadam(m), lam=0.5, lrs=[0.1, 0.2]), ValueError, r"`lrs` must be None or one learning rate per parameter group \(1\), got \[0.1, 0.2\]"),
+    ("prox_thresholds-lrs-nan", mlp, lambda m: lbv.prox_thresholds(groups(m), nadam(m), lam=0.5, lrs=[math.nan]), ValueError, r"`lrs` must hold finite learning rates >= 0, got nan"),
+    # spectra
+    ("stable_rank-vector", mlp, lambda m: stable_rank(torch.ones(3)), ValueError, r"at least 2 dimensions"),
+    ("effective_rank-list", mlp, lambda m: effective_rank([[1.0]]), TypeError, r"`weight` must be a tensor"),
+    ("singular_values-factors", mlp, lambda m: singular_values((torch.ones(3, 2), torch.ones(3, 4))), ValueError, r"do not multiply"),
     # path_norm
     ("path_norm-model", mlp, lambda m: lbv.path_norm(None, X), TypeError, r"`model` must be an nn\.Module, got NoneType"),
     ("path_norm-p", mlp, lambda m: lbv.path_norm(m, X, p=0.5), ValueError, r"`p` must be a finite number >= 1, got 0\.5"),
@@ -164,10 +182,10 @@ FUNCTION_ROWS: list[tuple[str, Callable[[], nn.Module], Callable[[nn.Module], An
     ("apply_low_rank-embedding", lambda: nn.Sequential(nn.Embedding(5, 3), nn.Linear(3, 2)), lambda m: lbv.apply_low_rank(m, rank=1, targets=["0"]), TypeError, r"'0' \(Embedding\), which is not an nn\.Linear"),
     ("apply_low_rank-grouped-conv", lambda: nn.Sequential(nn.Conv2d(4, 4, 3, groups=2)), lambda m: lbv.apply_low_rank(m, rank=1), ValueError, r"is a grouped conv \(groups=2\)"),
     ("apply_low_rank-no-layer", lambda: nn.Sequential(nn.ReLU()), lambda m: lbv.apply_low_rank(m, rank=1), ValueError, r"contains no nn\.Linear, nn\.Conv1d, nn\.Conv2d or nn\.Conv3d layer"),
-    ("apply_low_rank-twice", low_rank_mlp, lambda m: lbv.apply_low_rank(m, rank=1, targets=["2"]), ValueError, r"Layer '2' .* is already low-rank; call `remove_low_rank` first"),
+    ("apply_low_rank-twice", low_rank_middle_mlp, lambda m: lbv.apply_low_rank(m, rank=1, targets=["2"]), ValueError, r"Layer '2' .* is already low-rank; call `remove_low_rank` first"),
     ("apply_low_rank-foreign-parametrization", weight_norm_mlp, lambda m: lbv.apply_low_rank(m, rank=1, targets=["0", "2"]), ValueError, r"Layer '2' .*already has a parametrization on `weight`"),
     ("remove_low_rank-model", mlp, lambda m: lbv.remove_low_rank(None), TypeError, r"`model` must be an nn\.Module"),
-    ("remove_low_rank-merge", low_rank_mlp, lambda m: lbv.remove_low_rank(m, merge="no"), TypeError, r"`merge` must be a bool, got 'no'"),
+    ("remove_low_rank-merge", low_rank_middle_mlp, lambda m: lbv.remove_low_rank(m, merge="no"), TypeError, r"`merge` must be a bool, got 'no'"),
     ("factorize-model", mlp, lambda m: lbv.factorize("model"), TypeError, r"`model` must be an nn\.Module, got str"),
     # skip connections
     ("add_skip-model", mlp, lambda m: lbv.add_skip(None, ["0"]), TypeError, r"`model` must be an nn\.Module"),
@@ -178,10 +196,10 @@ FUNCTION_ROWS: list[tuple[str, Callable[[], nn.Module], Callable[[nn.Module], An
     ("add_skip-unsupported-layer", mlp, lambda m: lbv.add_skip(m, ["0", "1"]), TypeError, r"Cannot read the input and output sizes of '1' \(ReLU\).*Pass `example_input=`"),
     ("add_skip-conv-padding", lambda: nn.Sequential(nn.Conv2d(2, 2, 2)), lambda m: lbv.add_skip(m, ["0"]), ValueError, r"needs padding = dilation \* \(kernel_size - 1\) / 2"),
     ("add_skip-not-called", Unused, lambda m: lbv.add_skip(m, ["a", "b"], example_input=X), ValueError, r"'b' was not called with one tensor"),
-    ("add_skip-twice", skip_mlp, lambda m: lbv.add_skip(m, ["0", "2"]), ValueError, r"`targets` selected '2', which is already a skip connection"),
+    ("add_skip-twice", skip_middle_mlp, lambda m: lbv.add_skip(m, ["0", "2"]), ValueError, r"`targets` selected '2', which is already a skip connection"),
     ("remove_skip-model", mlp, lambda m: lbv.remove_skip(None), TypeError, r"`model` must be an nn\.Module"),
-    ("remove_skip-merge", skip_mlp, lambda m: lbv.remove_skip(m, merge=1), TypeError, r"`merge` must be a bool, got 1"),
-    ("remove_skip-targets-nothing", skip_mlp, lambda m: lbv.remove_skip(m, targets=["nope"]), lbv.TargetsMatchNothingError, MATCH_NOTHING),
+    ("remove_skip-merge", skip_middle_mlp, lambda m: lbv.remove_skip(m, merge=1), TypeError, r"`merge` must be a bool, got 1"),
+    ("remove_skip-targets-nothing", skip_middle_mlp, lambda m: lbv.remove_skip(m, targets=["nope"]), lbv.TargetsMatchNothingError, MATCH_NOTHING),
     ("remove_skip-cannot-merge", grouped_conv_skip, lambda m: lbv.remove_skip(m, merge=True), ValueError, r"Cannot merge the skip of '0' \(Conv1d\) into it"),
     # compaction
     ("compact-model", mlp, lambda m: lbv.compact(None, example_input=X), TypeError, r"`model` must be an nn\.Module, got NoneType"),
@@ -196,6 +214,24 @@ FUNCTION_ROWS: list[tuple[str, Callable[[], nn.Module], Callable[[nn.Module], An
     ("RBVNet-width", mlp, lambda m: lbv.RBVNet(3, 1, 0, 2, 2), ValueError, r"`width` must be an int >= 1, got 0"),
     ("RBVNet-depth", mlp, lambda m: lbv.RBVNet(3, 1, 4, 2, 1.5), ValueError, r"`depth` must be an int >= 1, got 1\.5"),
     ("RBVNet-in_features", mlp, lambda m: lbv.RBVNet("3", 1, 4, 2, 2), ValueError, r"`in_features` must be an int >= 1, got '3'"),
+    ("RBVBlock-width", mlp, lambda m: lbv.RBVBlock(3, 0, 2), ValueError, r"`width` must be an int >= 1, got 0"),
+    # the LightningModule and the datamodules
+    ("BVModule-model", mlp, lambda m: BVModule("RBVNet"), TypeError, r"`model` must be an nn.Module, got str"),
+    ("BVModule-num_classes-unknown", nn.ReLU, lambda m: BVModule(m), ValueError, r"`num_classes` is needed"),
+    ("BVModule-task", mlp, lambda m: BVModule(m, task="ranking"), ValueError, r"`task` must be one of \('classification', 'regression'\), got 'ranking'"),
+    ("BVModule-optimizer", mlp, lambda m: BVModule(m, optimizer="lbfgs"), ValueError, r"`optimizer` must be one of \('adam', 'adamw', 'sgd'\), got 'lbfgs'"),
+    ("BVModule-lr-zero", mlp, lambda m: BVModule(m, lr=0.0), ValueError, r"`lr` must be > 0, got 0"),
+    ("BVModule-lr-nan", mlp, lambda m: BVModule(m, lr=NAN), ValueError, r"`lr` must be a finite float >= 0, got nan"),
+    ("BVModule-weight_decay", mlp, lambda m: BVModule(m, weight_decay=-1.0), ValueError, r"`weight_decay` must be a finite float >= 0, got -1.0"),
+    ("BVModule-momentum", mlp, lambda m: BVModule(m, momentum=1.0), ValueError, r"`momentum` must be a float in \[0, 1\), got 1.0"),
+    ("BVModule-num_classes", mlp, lambda m: BVModule(m, num_classes=1), ValueError, r"`num_classes` must be an int >= 2 for classification, got 1"),
+    ("DigitsData-batch_size", mlp, lambda m: DigitsData(batch_size=0), ValueError, r"`batch_size` must be an int >= 1, got 0"),
+    ("DigitsData-fractions", mlp, lambda m: DigitsData(val_fraction=0.6, test_fraction=0.5), ValueError, r"`val_fraction` \+ `test_fraction` must be < 1"),
+    ("DiabetesData-test_fraction", mlp, lambda m: DiabetesData(test_fraction=1.5), ValueError, r"`test_fraction` must be a float in \(0, 1\), got 1.5"),
+    ("DigitsData-seed", mlp, lambda m: DigitsData(seed=-1), ValueError, r"`seed` must be an int >= 0, got -1"),
+    ("SplineData-function", mlp, lambda m: SplineData(function="cos"), ValueError, r"`function` must be one of \('sine', 'abs', 'step'\), got 'cos'"),
+    ("SplineData-noise", mlp, lambda m: SplineData(noise=-0.1), ValueError, r"`noise` must be a finite float >= 0, got -0.1"),
+    ("SplineData-n_train", mlp, lambda m: SplineData(n_train=1), ValueError, r"`n_train` must be an int >= 2, got 1"),
     # callback arguments, checked at construction
     ("PathNormRegularization-lam", mlp, callback_arg(PathNormRegularization, lam=-1.0), ValueError, r"`lam` must be a finite float >= 0 or a callable of the global step, got -1\.0"),
     ("PathNormRegularization-q", mlp, callback_arg(PathNormRegularization, lam=0.1, q=2.5), ValueError, r"`q` must be 1 or 2"),
@@ -217,6 +253,25 @@ FUNCTION_ROWS: list[tuple[str, Callable[[], nn.Module], Callable[[nn.Module], An
     ("NeuronPruning-never", mlp, callback_arg(NeuronPruning, on_fit_end=False), ValueError, r"would never compact: set `every_n_epochs` or leave `on_fit_end=True`"),
     ("NeuronPruning-example_input", mlp, callback_arg(NeuronPruning, example_input={"x": X}), TypeError, r"`example_input` must be None, a tensor or a tuple.*got dict"),
 ]
+# per-neuron thresholds, for both steps
+PER_NEURON_TAU = [
+    ("shape", torch.ones(3), TypeError, r"or a floating tensor of shape \[10\] \(one per neuron\), got Tensor of shape \(3,\) and dtype torch.float32 \(group '0'\)"),
+    ("dtype", torch.ones(10, dtype=torch.long), TypeError, r"got Tensor of shape \(10,\) and dtype torch.int64 \(group '0'\)"),
+    ("negative", -torch.ones(10), ValueError, r"`tau` must be finite and >= 0 for every neuron, got -1.0 at neuron 0 \(group '0'\)"),
+    ("nan", torch.full((10,), NAN), ValueError, r"`tau` must be finite and >= 0 for every neuron, got nan at neuron 0"),
+]
+FUNCTION_ROWS += [
+    (f"{fn}-tau-per-neuron-{name}", ten_neuron_mlp, lambda m, fn=fn, tau=tau: getattr(lbv, fn)(groups(m), {"0": tau}), error, match)
+    for name, tau, error, match in PER_NEURON_TAU
+    for fn in ("prox_", "proximal_step_")
+]
+# every size of the architecture, and every kind of bad size
+RBV_ARGS = {"in_features": 3, "out_features": 2, "width": 16, "bottleneck": 4, "depth": 3}
+FUNCTION_ROWS += [
+    (f"RBVNet-{arg}-{bad!r}", mlp, lambda m, arg=arg, bad=bad: lbv.RBVNet(**{**RBV_ARGS, arg: bad}), ValueError, rf"`{arg}` must be an int >= 1, got {bad!r}")
+    for arg in RBV_ARGS
+    for bad in (0, -1, 2.5, True, "4")
+]
 if BVMonitor is not None:
     FUNCTION_ROWS += [
         ("BVMonitor-every_n_steps", mlp, callback_arg(BVMonitor, every_n_steps=0), ValueError, r"`every_n_steps` must be an int >= 1, got 0"),
@@ -224,34 +279,6 @@ if BVMonitor is not None:
         ("BVMonitor-plots", mlp, callback_arg(BVMonitor, plots="yes"), ValueError, r"`plots` must be a bool, got 'yes'"),
     ]
 # fmt: on
-
-
-def snapshot(model: nn.Module) -> dict[str, Any]:
-    """Everything a failed call must leave as it was."""
-    return {
-        "state": {k: v.detach().clone() for k, v in model.state_dict().items()},
-        "types": [(n, type(m)) for n, m in model.named_modules()],
-        "params": [(n, id(p)) for n, p in model.named_parameters()],
-        "grads": [None if p.grad is None else p.grad.clone() for p in model.parameters()],
-        "hooks": [
-            (len(m._forward_hooks), len(m._forward_pre_hooks), len(m._load_state_dict_pre_hooks))
-            for m in model.modules()
-        ],
-        "training": [m.training for m in model.modules()],
-    }
-
-
-def assert_unchanged(model: nn.Module, before: dict[str, Any]) -> None:
-    after = snapshot(model)
-    for key in ("types", "params", "hooks", "training"):
-        assert after[key] == before[key], key
-    assert list(after["state"]) == list(before["state"])
-    for k, v in before["state"].items():
-        torch.testing.assert_close(after["state"][k], v, rtol=0, atol=0, equal_nan=True, msg=k)
-    for g, h in zip(after["grads"], before["grads"]):
-        assert (g is None) == (h is None)
-        if g is not None:
-            torch.testing.assert_close(g, h, rtol=0, atol=0, equal_nan=True)
 
 
 @pytest.mark.parametrize(

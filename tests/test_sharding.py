@@ -10,6 +10,7 @@ import copy
 import pytest
 import torch
 import torch.distributed as dist
+from models import mlp
 from torch import nn
 
 import lightning_bv as lbv
@@ -28,11 +29,6 @@ def mesh():
         dist.destroy_process_group()
 
 
-def net() -> nn.Sequential:
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(3, 8), nn.ReLU(), nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 2))
-
-
 def sharded(model: nn.Module, mesh) -> nn.Module:
     from torch.distributed.fsdp import fully_shard
 
@@ -44,7 +40,7 @@ def sharded(model: nn.Module, mesh) -> nn.Module:
 
 def test_prox_on_sharded_weights_equals_plain_weights(mesh):
     x = torch.randn(4, 3)
-    plain = net()
+    plain = mlp([3, 8, 6, 2])
     lbv.lift_shared_weights(plain, example_input=x, normalize=True)
     split = sharded(copy.deepcopy(plain), mesh)
     assert type(split[0].weight).__name__ == "DTensor"
@@ -63,7 +59,7 @@ def test_prox_on_sharded_weights_equals_plain_weights(mesh):
 
 def test_norms_of_sharded_weights_with_grad_enabled_raise(mesh):
     x = torch.randn(4, 3)
-    split = sharded(net(), mesh)
+    split = sharded(mlp([3, 8, 6, 2]), mesh)
     groups = lbv.find_neurons(split, x)
     with pytest.raises(NotImplementedError, match="norms of weights split across ranks .* not differentiable"):
         lbv.rbv_norm(groups)
@@ -81,7 +77,7 @@ def test_norms_of_sharded_weights_with_grad_enabled_raise(mesh):
 )
 def test_surgery_on_a_sharded_model_is_refused_before_anything_changes(mesh, call, who):
     x = torch.randn(4, 3)
-    split = sharded(net(), mesh)
+    split = sharded(mlp([3, 8, 6, 2]), mesh)
     before = {k: v.full_tensor().clone() for k, v in split.state_dict().items()}
     match = rf"`{who}` needs whole layers, but parameter '0.weight' of `model` is a DTensor"
     with pytest.raises(ValueError, match=match):

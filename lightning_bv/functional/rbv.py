@@ -7,177 +7,45 @@ connections are rescaled with their neuron where function preservation needs it,
 
 from __future__ import annotations
 
-import math
-import numbers
-from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
+from collections.abc import Iterable, Mapping
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from lightning_bv._checks import check_choice
+from lightning_bv._checks import check_groups, check_tau
 from lightning_bv._checks import check_lam as _check_lam
 from lightning_bv._checks import check_q as _check_q
-from lightning_bv._sharding import all_reduce_, local
-from lightning_bv.neurons import NeuronGroup, Slot
+from lightning_bv.functional._kernels import (
+    _add_rbv_grad_group_,
+    _add_weight_decay_grad_,
+    _balance_group_,
+    _norms,
+    _project_group_,
+    _step_group_,
+    _unit,
+)
+from lightning_bv.functional._kernels import _rescale_ as _rescale_  # re-exported (tests)
+from lightning_bv.functional._kernels import _shrink_ as _shrink_  # re-exported (benchmarks/prox_parts.py)
+from lightning_bv.functional._nonfinite import NONFINITE as NONFINITE  # re-exported
+from lightning_bv.functional._nonfinite import NonFiniteWeightsError as NonFiniteWeightsError  # re-exported
+from lightning_bv.functional._nonfinite import (
+    _check_nonfinite,
+    _nonfinite_groups,
+    _nonfinite_weight_groups,
+    _skip_nonfinite,
+)
+from lightning_bv.neurons import NeuronGroup
 
 Groups = NeuronGroup | Iterable[NeuronGroup]
-NONFINITE = ("ignore", "raise", "skip")
-
-
-class NonFiniteWeightsError(FloatingPointError):
-    """A neuron group's weights, or their norms, are NaN or infinite (raised with ``on_nonfinite="raise"``)."""
 
 
 def _as_list(groups: Groups) -> list[NeuronGroup]:
-    hint = "a NeuronGroup or an iterable of them (lightning_bv.find_neurons(model, example_input))"
-    if isinstance(groups, NeuronGroup):
-        return [groups]
-    if isinstance(groups, (nn.Module, str, Tensor)) or not isinstance(groups, Iterable):
-        raise TypeError(f"`groups` must be {hint}, got {type(groups).__name__}")
-    glist = list(groups)
-    for g in glist:
-        if not isinstance(g, NeuronGroup):
-            raise TypeError(f"`groups` must be {hint}, got an iterable holding a {type(g).__name__}")
-    return glist
-
-
-def _check_tau(tau: object, glist: list[NeuronGroup]) -> dict[str, float | Tensor]:
-    """One threshold per group name: a number or 0-dim tensor for all, or a mapping name -> number or [K] tensor.
-
-    Everything is checked before any group changes.
-    """
-
-    def check(t: object, where: str, k: int | None) -> float | Tensor:
-        ok = isinstance(t, numbers.Real) and not isinstance(t, bool)
-        if isinstance(t, Tensor):
-            ok = (t.dim() == 0 or (k is not None and tuple(t.shape) == (k,))) and t.dtype.is_floating_point
-        if not ok:
-            shape = f" of shape {tuple(t.shape)} and dtype {t.dtype}" if isinstance(t, Tensor) else ""
-            per = f" or a floating tensor of shape [{k}] (one per neuron)" if k is not None else ""
-            raise TypeError(
-                f"`tau` must be a number, a 0-dim tensor or a mapping from group name to a number{per}, got "
-                f"{type(t).__name__}{shape}{where}"
-            )
-        if isinstance(t, Tensor) and t.dim() == 1:
-            bad = ~torch.isfinite(t) | (t < 0)
-            if bool(bad.any()):
-                i = int(torch.nonzero(bad)[0])
-                raise ValueError(
-                    f"`tau` must be finite and >= 0 for every neuron, got {float(t[i])!r} at neuron {i}{where}"
-                )
-            return t
-        if not math.isfinite(float(t)) or float(t) < 0:  # type: ignore[arg-type]
-            raise ValueError(f"`tau` must be a finite value >= 0, got {t!r}{where}")
-        return t  # type: ignore[return-value]
-
-    names = [g.name for g in glist]
-    if isinstance(tau, Mapping):
-        missing = [n for n in names if n not in tau]
-        if missing:
-            raise ValueError(f"`tau` has no value for group(s) {missing}; it has {sorted(map(str, tau))}")
-        return {g.name: check(tau[g.name], f" (group {g.name!r})", g.num_neurons) for g in glist}
-    value = check(tau, "", None)
-    return dict.fromkeys(names, value)
-
-
-def _check_nonfinite(on_nonfinite: object) -> str:
-    check_choice("on_nonfinite", on_nonfinite, NONFINITE, "what to do with a group whose weights are NaN or infinite")
-    return str(on_nonfinite)
-
-
-def _kind(t: Tensor) -> str:
-    nan, inf = bool(torch.isnan(t).any()), bool(torch.isinf(t).any())
-    return " and ".join(k for k, on in (("nan", nan), ("inf", inf)) if on) or "finite"
-
-
-def _describe_nonfinite(group: NeuronGroup, w: Tensor, v: Tensor) -> str:
-    """Which neurons of ``group`` have a non-finite norm, on which side, and whether the entries themselves are."""
-    parts = []
-    for side, norms, slots in (("input", w, group.w_slots), ("output", v, group.v_slots)):
-        bad = torch.nonzero(~torch.isfinite(norms)).flatten().tolist()
-        if not bad:
-            continue
-        shown = ", ".join(str(i) for i in bad[:8]) + (", ..." if len(bad) > 8 else "")
-        entries = [s.tensor().detach() for s in slots if s.regularized]
-        finite = all(bool(torch.isfinite(t).all()) for t in entries)
-        why = (
-            f"the entries are finite but their squares overflow {entries[0].dtype}"
-            if finite
-            else _kind(torch.cat([t.flatten() for t in entries]))
-        )
-        parts.append(f"{_kind(norms)} norm of the {side} weights of neuron(s) [{shown}] of {norms.numel()} ({why})")
-    return f"neuron group '{group.name}' has non-finite weights: " + "; ".join(parts)
-
-
-def _skip_nonfinite(group: NeuronGroup, w: Tensor, v: Tensor, on_nonfinite: str) -> bool:
-    """Whether to leave ``group`` alone because its norms ``w``, ``v`` are not finite (raises with "raise")."""
-    if on_nonfinite == "ignore" or bool(torch.isfinite(torch.cat([w, v])).all()):
-        return False
-    if on_nonfinite == "raise":
-        raise NonFiniteWeightsError(
-            _describe_nonfinite(group, w, v) + '. Stopping instead of spreading them (on_nonfinite="raise"); lower the '
-            'learning rate or clip gradients, or pass on_nonfinite="skip" to leave such a group alone.'
-        )
-    return True
-
-
-def _nonfinite_groups(glist: list[NeuronGroup], norms: list[tuple[Tensor, Tensor]], on_nonfinite: str) -> list[str]:
-    """Names of the groups whose norms are not finite, checked with one sync; raises for the first with "raise"."""
-    if on_nonfinite == "ignore" or not glist:
-        return []
-    finite = torch.stack([torch.isfinite(w).all() & torch.isfinite(v).all() for w, v in norms]).tolist()
-    bad = [i for i, ok in enumerate(finite) if not ok]
-    if bad and on_nonfinite == "raise":
-        _skip_nonfinite(glist[bad[0]], *norms[bad[0]], on_nonfinite)  # raises with the description
-    return [glist[i].name for i in bad]
-
-
-def _safe_sqrt(x: Tensor) -> Tensor:
-    """Sqrt with gradient 0 (not inf) at 0, so that dead neurons do not turn gradients into NaN; NaN stays NaN."""
-    if not (torch.is_grad_enabled() and x.requires_grad):
-        return x.clamp_min(0).sqrt()  # the same values in two ops (clamp_min keeps NaN)
-    pos = ~(x <= 0)  # True for NaN too: a NaN norm must not read as a dead neuron
-    return torch.where(pos, x, torch.ones_like(x)).sqrt() * pos
+    return check_groups(groups, NeuronGroup)
 
 
 def group_norms(group: NeuronGroup, q: int = 2) -> tuple[Tensor, Tensor]:
     """``(||w_k||_2, ||v_k||_q)`` for every neuron of ``group`` (differentiable when grad is enabled)."""
-    q = _check_q(q)
-    how = "sq" if q == 2 else "abs"
-    w_sq, v = _sums(group, [(group.w_slots, "sq"), (group.v_slots, how)])
-    return _safe_sqrt(w_sq), (_safe_sqrt(v) if q == 2 else v)
-
-
-def _sums(group: NeuronGroup, sides: list[tuple[Sequence[Slot], str]]) -> list[Tensor]:
-    """Per-neuron sums over the regularized entries of each side's slots (``how``: "sq" or "abs").
-
-    For weights split by rows across ranks (FSDP2) each rank adds its local sums and one all-reduce completes every
-    side at once.
-    """
-    out: list[Tensor] = []
-    split: dict[Any, list[int]] = {}  # process group -> the sides with local sums over it
-    partial: dict[tuple[Any, int], Tensor] = {}
-    for i, (slots, how) in enumerate(sides):
-        whole: Tensor | None = None
-        for s in slots:
-            if not s.regularized:
-                continue
-            r, pg = s.reduce_part(s.tensor(), how)
-            if pg is None:
-                whole = r if whole is None else whole + r
-            else:
-                key = (pg, i)
-                partial[key] = partial[key] + r if key in partial else r
-                if i not in split.setdefault(pg, []):
-                    split[pg].append(i)
-        if whole is None and not any(k[1] == i for k in partial):
-            raise ValueError(f"group '{group.name}' has no regularized input or output weights")
-        out.append(whole)  # type: ignore[arg-type]
-    for pg, idx in split.items():
-        for i, r in zip(idx, all_reduce_([partial[(pg, i)] for i in idx], pg)):
-            out[i] = r if out[i] is None else out[i] + r
-    return out
+    return _norms(group, _check_q(q))
 
 
 def neuron_scores(groups: Groups, q: int = 2) -> dict[str, Tensor]:
@@ -232,15 +100,6 @@ def neuron_weight_decay(groups: Groups, q: int = 2) -> Tensor:
     return total if total is not None else torch.zeros(())
 
 
-def _rescale_(group: NeuronGroup, a: Tensor) -> None:
-    """(w_k, b_k, v_k) -> (a_k w_k, a_k b_k, v_k / a_k): the same function for a_k > 0."""
-    for s in group.w_slots + group.b_slots:
-        s.scale_(a)
-    inv = 1.0 / a
-    for s in group.v_slots:
-        s.scale_(inv)
-
-
 @torch.no_grad()
 def balance_(groups: Groups, q: int = 2) -> None:
     """Rescale every neuron so that ``||v_k||_q == ||w_k||_2``, in place, without changing the function.
@@ -266,34 +125,7 @@ def balance_(groups: Groups, q: int = 2) -> None:
     """
     for g in _as_list(groups):
         w, v = group_norms(g, q)
-        live = (w > 0) & (v > 0)
-        a = torch.where(live, (v / torch.where(live, w, torch.ones_like(w))).sqrt(), torch.ones_like(w))
-        _rescale_(g, a)
-        _zero_dead_sides_(g, w, v)
-
-
-def _zero_dead_sides_(g: NeuronGroup, w: Tensor, v: Tensor) -> None:
-    """Zero the nonzero side of neurons whose other side makes them provably dead (see :func:`balance_`)."""
-    if bool(((w > 0) & (v > 0)).all()):
-        return
-    read = sum(s.reduce(s.tensor(), "sq") for s in g.v_slots) > 0  # skips read the neuron too
-    fed = sum(s.reduce(s.tensor(), "sq") for s in g.w_slots) > 0  # and skip producers feed it
-    unread = (w > 0) & ~read
-    mute = ~fed & (v > 0) & g.silent_without_input().to(w.device)
-    if bool(unread.any()):
-        keep = (~unread).to(w.dtype)
-        for s in g.w_slots + g.b_slots:
-            s.scale_(keep)
-    if bool(mute.any()):
-        keep = (~mute).to(w.dtype)
-        for s in g.v_slots:
-            s.scale_(keep)
-
-
-def _feeds_itself(group: NeuronGroup) -> bool:
-    """Whether one tensor holds both input-side and output-side entries of ``group`` (rescaling one moves both)."""
-    ins = {id(s.written()) for s in group.w_slots + group.b_slots}
-    return any(id(s.written()) in ins for s in group.v_slots)
+        _balance_group_(g, w, v)
 
 
 def _check_q1_low_rank(glist: list[NeuronGroup], q: int) -> None:
@@ -309,29 +141,11 @@ def _check_q1_low_rank(glist: list[NeuronGroup], q: int) -> None:
                 )
 
 
-def _shrink_(g: NeuronGroup, thr: Tensor | float, v: Tensor, q: int) -> None:
-    """Soft-threshold neuron k's output weights by ``thr[k]``: group-wise (q=2) or entry-wise (q=1)."""
-    reg = [s for s in g.v_slots if s.regularized]
-    if q == 2:
-        factor = torch.where(v > 0, (1.0 - thr / v).clamp_min_(0.0), 0.0)  # v = 0: thr / v is not used
-        for s in reg:
-            s.scale_(factor)
-    else:
-        for s in reg:
-            s.soft_threshold_(thr)
-
-
-def _unit(w: Tensor) -> tuple[Tensor, Tensor]:
-    """``(1 / ||w_k||`` where positive else 1, the norms after dividing: 1 where positive else 0)."""
-    live = w > 0
-    return torch.where(live, w.reciprocal(), 1.0), live.to(w.dtype)  # w = 0: 1 / w is not used
-
-
 def _begin(groups: Groups, tau: object, q: int, on_nonfinite: str) -> tuple[int, str, list[NeuronGroup], dict]:
     q = _check_q(q)
     on_nonfinite = _check_nonfinite(on_nonfinite)
     glist = _as_list(groups)
-    taus = _check_tau(tau, glist)
+    taus = check_tau(tau, [(g.name, g.num_neurons) for g in glist])
     _check_q1_low_rank(glist, q)
     return q, on_nonfinite, glist, taus
 
@@ -394,16 +208,7 @@ def _step_(groups: Groups, tau: object, q: int, on_nonfinite: str, normalize: bo
         if _skip_nonfinite(g, w, v, on_nonfinite):
             skipped.append(g.name)
             continue
-        a, unit = _unit(w)
-        if normalize:
-            _rescale_(g, a)
-            v = torch.where(w > 0, v * w, v)  # ||v_k|| ||w_k||, as the score is: a score equal to tau dies exactly
-        else:
-            for s in g.w_slots + g.b_slots:
-                s.scale_(a)
-        if _feeds_itself(g):  # the rescale moved v too: read it again
-            v = group_norms(g, q)[1]
-        _shrink_(g, taus[g.name] * unit, v, q)
+        _step_group_(g, w, v, taus[g.name], q, normalize)
     return skipped
 
 
@@ -427,8 +232,7 @@ def project_(groups: Groups) -> None:
     """
     for g in _as_list(groups):
         a, _ = _unit(group_norms(g, 2)[0])
-        for s in g.w_slots + g.b_slots:
-            s.scale_(a)
+        _project_group_(g, a)
 
 
 @torch.no_grad()
@@ -500,29 +304,8 @@ def add_rbv_grad_(groups: Groups, lam: float, q: int = 2, *, on_nonfinite: str =
     for g, (w, v) in zip(glist, norms):
         if g.name in skipped:
             continue
-        cw = lam * v / torch.where(w > 0, w, torch.ones_like(w)) * (w > 0)
-        for s in g.w_slots:
-            if s.regularized:
-                s.add_scaled_grad_(cw)
-        cv = lam * w / torch.where(v > 0, v, torch.ones_like(v)) * (v > 0) if q == 2 else lam * w
-        for s in g.v_slots:
-            if s.regularized:
-                s.add_scaled_grad_(cv, sign=q == 1)
+        _add_rbv_grad_group_(g, w, v, lam, q)
     return skipped
-
-
-def _all_finite(tensors: list[Tensor]) -> list[bool]:
-    """Whether each tensor is all finite, from its smallest and largest entry, with one sync for all.
-
-    For tensors split across ranks, one all-reduce of the answers, so that every rank decides alike.
-    """
-    locs = [local(t) for t in tensors]
-    none = torch.zeros((), dtype=torch.bool)
-    bad = torch.stack(
-        [(~torch.stack(torch.aminmax(lt.tensor)).isfinite()).any() if lt.tensor.numel() else none for lt in locs]
-    ).float()
-    group = next((lt.group for lt in locs if lt.split), None)
-    return [not b for b in all_reduce_([bad], group)[0].bool().tolist()]
 
 
 @torch.no_grad()
@@ -537,26 +320,6 @@ def add_weight_decay_grad_(groups: Groups, lam: float, *, on_nonfinite: str = "i
     on_nonfinite = _check_nonfinite(on_nonfinite)
     glist = _as_list(groups)
     slots = [[s for s in g.w_slots + g.v_slots if s.regularized] for g in glist]
-    skipped: list[str] = []
-    if on_nonfinite != "ignore" and glist:
-        tensors = {id(t): t for ss in slots for t in (s.tensor() for s in ss)}  # a shared matrix is read once
-        finite_of = dict(zip(tensors, _all_finite(list(tensors.values()))))
-        suspects = [g for g, ss in zip(glist, slots) if not all(finite_of[id(s.tensor())] for s in ss)]
-        if suspects:  # a consumer's bad entries may be in another group's columns: decide on the groups' own norms
-            skipped = _nonfinite_groups(suspects, [group_norms(g, 2) for g in suspects], on_nonfinite)
-    whole: dict[int, tuple[Tensor, float]] = {}  # tensor -> (tensor, summed coefficient) for slots covering it all
-    for g, ss in zip(glist, slots):
-        if g.name in skipped:
-            continue
-        c = torch.full((g.num_neurons,), float(lam))
-        for s in ss:
-            if s.covers_all(g.num_neurons):
-                t = s.tensor()
-                whole[id(t)] = (t, whole.get(id(t), (t, 0.0))[1] + lam)
-            else:
-                s.add_scaled_grad_(c.to(s.tensor().device))
-    for t, coef in whole.values():  # one pass per tensor (the middle matrix of a chain is two groups' slots)
-        if t.grad is None:
-            t.grad = torch.zeros_like(t)
-        t.grad.add_(t, alpha=coef)
+    skipped = _nonfinite_weight_groups(glist, slots, on_nonfinite)
+    _add_weight_decay_grad_(glist, slots, lam, skipped)
     return skipped

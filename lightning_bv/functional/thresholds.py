@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from lightning_bv._checks import check_groups, check_lam
 from lightning_bv._sharding import all_reduce_
 from lightning_bv.neurons import NeuronGroup, Slot
 
@@ -134,11 +135,8 @@ def prox_thresholds(
         >>> round(taus["0"], 6)  # lam * lr / (1 - momentum)
         0.01
     """
-    from lightning_bv._checks import check_lam as _check_lam
-    from lightning_bv.functional.rbv import _as_list
-
-    lam = _check_lam(lam)
-    glist = _as_list(groups)
+    lam = check_lam(lam)
+    glist = check_groups(groups, NeuronGroup)
     opt = getattr(optimizer, "optimizer", optimizer)  # Lightning's LightningOptimizer wraps the torch one
     if not hasattr(opt, "param_groups"):
         raise TypeError(f"`optimizer` must be a torch.optim.Optimizer, got {type(optimizer).__name__}")

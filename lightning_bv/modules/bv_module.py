@@ -16,7 +16,6 @@ Example:
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable
 from typing import Any
 
@@ -27,6 +26,7 @@ import torchmetrics
 from torch import Tensor, nn
 from typing_extensions import override
 
+from lightning_bv._checks import check_choice, check_int, check_nonnegative
 from lightning_bv._layers import WEIGHTED
 
 TASKS = ("classification", "regression")
@@ -100,13 +100,10 @@ class BVModule(pl.LightningModule):
         super().__init__()
         if not isinstance(model, nn.Module):
             raise TypeError(f"`model` must be an nn.Module, got {type(model).__name__}")
-        if task not in TASKS:
-            raise ValueError(f"`task` must be one of {TASKS}, got {task!r}")
-        if optimizer not in OPTIMIZERS:
-            raise ValueError(f"`optimizer` must be one of {OPTIMIZERS}, got {optimizer!r}")
+        check_choice("task", task, TASKS)
+        check_choice("optimizer", optimizer, OPTIMIZERS)
         for arg, value in (("lr", lr), ("weight_decay", weight_decay)):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-                raise ValueError(f"`{arg}` must be a finite float >= 0, got {value!r}")
+            check_nonnegative(arg, value)
         if lr == 0:
             raise ValueError("`lr` must be > 0, got 0")
         if isinstance(momentum, bool) or not isinstance(momentum, (int, float)) or not 0 <= momentum < 1:
@@ -118,8 +115,7 @@ class BVModule(pl.LightningModule):
                     raise ValueError(
                         "`num_classes` is needed: the model has no `out_features` and no Linear layer to read it from"
                     )
-            if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
-                raise ValueError(f"`num_classes` must be an int >= 2 for classification, got {num_classes!r}")
+            num_classes = check_int("num_classes", num_classes, 2, " for classification")
         self.save_hyperparameters(ignore=[] if _in_cli_context() else ["model"])
         self.model = model
         self.task = task

@@ -31,13 +31,9 @@ from torch import Tensor
 from torch.utils.data import DataLoader, TensorDataset
 from typing_extensions import override
 
+from lightning_bv._checks import check_choice, check_int, check_nonnegative
+
 FUNCTIONS = ("sine", "abs", "step")
-
-
-def _check_int(arg: str, value: Any, low: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"`{arg}` must be an int >= {low}, got {value!r}")
-    return value
 
 
 def _check_fractions(val_fraction: Any, test_fraction: Any) -> None:
@@ -79,7 +75,7 @@ class _TensorData(pl.LightningDataModule):
 
     def __init__(self, batch_size: int) -> None:
         super().__init__()
-        self.batch_size = _check_int("batch_size", batch_size, 1)
+        self.batch_size = check_int("batch_size", batch_size, 1)
 
     @property
     def num_features(self) -> int:
@@ -122,7 +118,7 @@ class _SklearnData(_TensorData):
     def __init__(self, batch_size: int, val_fraction: float, test_fraction: float, seed: int) -> None:
         super().__init__(batch_size)
         _check_fractions(val_fraction, test_fraction)
-        self.seed = _check_int("seed", seed, 0)
+        self.seed = check_int("seed", seed, 0)
         self.val_fraction, self.test_fraction = float(val_fraction), float(test_fraction)
         x, y = self._load()
         train, val, test = _split(len(x), self.val_fraction, self.test_fraction, self.seed)
@@ -210,13 +206,12 @@ def target_function(name: str, x: Tensor) -> Tensor:
         >>> target_function("abs", torch.tensor([-1.0, 0.5])).tolist()
         [1.0, 0.5]
     """
+    check_choice("function", name, FUNCTIONS)
     if name == "sine":
         return torch.sin(3 * x) + 0.5 * x
     if name == "abs":
         return x.abs()
-    if name == "step":
-        return torch.tanh(10 * x)
-    raise ValueError(f"`function` must be one of {FUNCTIONS}, got {name!r}")
+    return torch.tanh(10 * x)
 
 
 class SplineData(_TensorData):
@@ -251,15 +246,13 @@ class SplineData(_TensorData):
         batch_size: int | None = None,
         seed: int = 0,
     ) -> None:
-        n_train = _check_int("n_train", n_train, 2)
+        n_train = check_int("n_train", n_train, 2)
         super().__init__(n_train if batch_size is None else batch_size)
-        self.n_val, self.n_test = _check_int("n_val", n_val, 1), _check_int("n_test", n_test, 1)
-        if isinstance(noise, bool) or not isinstance(noise, (int, float)) or not math.isfinite(noise) or noise < 0:
-            raise ValueError(f"`noise` must be a finite float >= 0, got {noise!r}")
-        if function not in FUNCTIONS:
-            raise ValueError(f"`function` must be one of {FUNCTIONS}, got {function!r}")
-        self.noise, self.function = float(noise), function
-        self.seed = _check_int("seed", seed, 0)
+        self.n_val, self.n_test = check_int("n_val", n_val, 1), check_int("n_test", n_test, 1)
+        noise = check_nonnegative("noise", noise)
+        check_choice("function", function, FUNCTIONS)
+        self.noise, self.function = noise, function
+        self.seed = check_int("seed", seed, 0)
         g = torch.Generator().manual_seed(self.seed)
         self.x_train = torch.linspace(-1, 1, n_train).unsqueeze(1)
         self.x_val = 2 * torch.rand(self.n_val, 1, generator=g) - 1

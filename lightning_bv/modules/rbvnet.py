@@ -16,11 +16,11 @@ Example:
 from __future__ import annotations
 
 import math
-import numbers
 
 import torch
 from torch import Tensor, nn
 
+from lightning_bv._checks import check_int
 from lightning_bv._layers import null_space
 
 
@@ -52,7 +52,7 @@ class RBVBlock(nn.Module):
     def __init__(self, d_in: int, width: int, d_out: int) -> None:
         super().__init__()
         for arg, value in (("d_in", d_in), ("width", width), ("d_out", d_out)):
-            _check_size(arg, value)
+            check_int(arg, value, 1)
         self.fc1 = nn.Linear(d_in, width)
         self.act = nn.ReLU()
         self.fc2 = nn.Linear(width, d_out)
@@ -109,7 +109,7 @@ class RBVNet(nn.Module):
             "depth": depth,
         }
         for arg, value in sizes.items():
-            _check_size(arg, value)
+            check_int(arg, value, 1)
         self.in_features, self.out_features = int(in_features), int(out_features)
         self.width, self.bottleneck, self.depth = int(width), int(bottleneck), int(depth)
         dims = [self.in_features] + [self.bottleneck] * (self.depth - 1) + [self.out_features]
@@ -123,8 +123,3 @@ class RBVNet(nn.Module):
             f"in_features={self.in_features}, out_features={self.out_features}, width={self.width}, "
             f"bottleneck={self.bottleneck}, depth={self.depth}"
         )
-
-
-def _check_size(arg: str, value: object) -> None:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-        raise ValueError(f"`{arg}` must be an int >= 1, got {value!r}")

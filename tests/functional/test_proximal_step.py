@@ -5,20 +5,15 @@ import copy
 import pytest
 import torch
 from helpers import neurons_killed_after_rescales
+from models import mlp_and_groups
 from sklearn.datasets import load_digits
 from torch import nn
 
 import lightning_bv as lbv
 
 
-def shallow(seed=0, d=4, k=10, out=2):
-    torch.manual_seed(seed)
-    net = nn.Sequential(nn.Linear(d, k), nn.ReLU(), nn.Linear(k, out))
-    return net, lbv.find_neurons(net, torch.randn(1, d))
-
-
 def test_per_neuron_thresholds_kill_exactly_the_neurons_at_or_below_them():
-    net, groups = shallow()
+    net, groups = mlp_and_groups([4, 10, 2])
     scores = lbv.neuron_scores(groups)["0"].detach()
     tau = scores.clone()
     tau[::2] = scores[::2] * 0.5  # even neurons survive, odd ones sit exactly on their threshold
@@ -28,47 +23,8 @@ def test_per_neuron_thresholds_kill_exactly_the_neurons_at_or_below_them():
     assert bool((after[::2] > 0).all())
 
 
-@pytest.mark.parametrize(
-    ("tau", "error", "match"),
-    [
-        (
-            torch.ones(3),
-            TypeError,
-            r"or a floating tensor of shape \[10\] \(one per neuron\), got Tensor of shape \(3,\) and dtype "
-            r"torch.float32 \(group '0'\)",
-        ),
-        (
-            torch.ones(10, dtype=torch.long),
-            TypeError,
-            r"got Tensor of shape \(10,\) and dtype torch.int64 \(group '0'\)",
-        ),
-        (
-            -torch.ones(10),
-            ValueError,
-            r"`tau` must be finite and >= 0 for every neuron, got -1.0 at neuron 0 \(group '0'\)",
-        ),
-        (
-            torch.full((10,), float("nan")),
-            ValueError,
-            r"`tau` must be finite and >= 0 for every neuron, got nan at neuron 0",
-        ),
-    ],
-)
-@pytest.mark.parametrize("fn", ["prox_", "proximal_step_"])
-def test_bad_per_neuron_thresholds_raise_before_anything_changes(tau, error, match, fn):
-    net, groups = shallow()
-    before = copy.deepcopy(net.state_dict())
-    with pytest.raises(error, match=match):
-        getattr(lbv, fn)(groups, {"0": tau})
-    assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
-    with pytest.raises(error, match=match):  # a tensor for all groups must be 0-dim
-        lbv.prox_(groups, {"0": tau})
-    with pytest.raises(TypeError, match=r"`first` must be a bool \(True at the first update of a run\), got 1"):
-        lbv.proximal_step_(groups, 0.1, first=1)
-
-
 def test_first_update_is_prox_then_projection_which_discards_radial_growth():
-    net, groups = shallow()
+    net, groups = mlp_and_groups([4, 10, 2])
     ref = copy.deepcopy(net)
     lbv.proximal_step_(groups, 0.0, first=True)
     x = torch.randn(5, 4)

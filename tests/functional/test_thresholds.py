@@ -1,18 +1,11 @@
 """prox_thresholds: lam times the step each optimizer really took on a neuron's output weights, against hand sums."""
 
-import math
-
 import pytest
 import torch
+from models import mlp_and_groups
 from torch import nn
 
 import lightning_bv as lbv
-
-
-def net_and_groups(seed=0):
-    torch.manual_seed(seed)
-    net = nn.Sequential(nn.Linear(3, 5), nn.ReLU(), nn.Linear(5, 2))
-    return net, lbv.find_neurons(net, torch.randn(1, 3))
 
 
 def one_step(net, opt, steps=1):
@@ -33,7 +26,7 @@ def one_step(net, opt, steps=1):
     ],
 )
 def test_sgd_is_lam_lr_times_the_heavy_ball_step(kwargs, factor):
-    net, groups = net_and_groups()
+    net, groups = mlp_and_groups([3, 5, 2])
     opt = torch.optim.SGD(net.parameters(), lr=0.1, **kwargs)
     taus = lbv.prox_thresholds(groups, opt, lam=0.01)
     assert taus["0"] == pytest.approx(0.01 * 0.1 * factor, rel=1e-12)
@@ -66,7 +59,7 @@ def adam_hand(opt, weight, lam, lr, amsgrad=False):
 @pytest.mark.parametrize("cls", [torch.optim.Adam, torch.optim.AdamW])
 @pytest.mark.parametrize("amsgrad", [False, True])
 def test_adam_is_prox_gen_per_neuron(cls, amsgrad):
-    net, groups = net_and_groups()
+    net, groups = mlp_and_groups([3, 5, 2])
     opt = cls(net.parameters(), lr=1e-3, amsgrad=amsgrad, weight_decay=0.0)
     before = lbv.prox_thresholds(groups, opt, lam=0.1)  # no state yet: lam * lr
     assert before["0"] == pytest.approx(0.1 * 1e-3)
@@ -78,14 +71,14 @@ def test_adam_is_prox_gen_per_neuron(cls, amsgrad):
 
 
 def test_rmsprop_and_adagrad():
-    net, groups = net_and_groups()
+    net, groups = mlp_and_groups([3, 5, 2])
     opt = torch.optim.RMSprop(net.parameters(), lr=1e-2, momentum=0.5, eps=1e-8)
     one_step(net, opt, steps=2)
     sq = opt.state[net[2].weight]["square_avg"]
     expected = 0.3 / ((sq.sqrt() + 1e-8) * 0.5 / 1e-2).mean(0)
     torch.testing.assert_close(lbv.prox_thresholds(groups, opt, lam=0.3)["0"], expected, rtol=1e-5, atol=0)
 
-    net, groups = net_and_groups()
+    net, groups = mlp_and_groups([3, 5, 2])
     opt = torch.optim.Adagrad(net.parameters(), lr=0.1, lr_decay=0.01, eps=1e-10)
     one_step(net, opt, steps=3)
     total = opt.state[net[2].weight]["sum"]
@@ -118,18 +111,8 @@ def test_lifted_factor_and_conv_consumer_read_the_state_of_the_tensor_they_write
     torch.testing.assert_close(taus["2"], 1.0 / d.reshape(1, 3, 4).mean((0, 2)), rtol=1e-5, atol=0)
 
 
-def test_unknown_optimizers_get_lam_lr_and_bad_arguments_raise():
-    net, groups = net_and_groups()
+def test_unknown_optimizers_get_lam_lr():
+    net, groups = mlp_and_groups([3, 5, 2])
     opt = torch.optim.NAdam(net.parameters(), lr=0.02)
     one_step(net, opt)
     assert lbv.prox_thresholds(groups, opt, lam=0.5)["0"] == pytest.approx(0.01)
-    with pytest.raises(TypeError, match=r"`optimizer` must be a torch.optim.Optimizer, got Linear"):
-        lbv.prox_thresholds(groups, nn.Linear(1, 1), lam=0.5)
-    with pytest.raises(ValueError, match=r"`lam` must be a finite value >= 0, got -1"):
-        lbv.prox_thresholds(groups, opt, lam=-1)
-    with pytest.raises(
-        ValueError, match=r"`lrs` must be None or one learning rate per parameter group \(1\), got \[0.1, 0.2\]"
-    ):
-        lbv.prox_thresholds(groups, opt, lam=0.5, lrs=[0.1, 0.2])
-    with pytest.raises(ValueError, match=r"`lrs` must hold finite learning rates >= 0, got nan"):
-        lbv.prox_thresholds(groups, opt, lam=0.5, lrs=[math.nan])

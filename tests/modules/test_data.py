@@ -76,23 +76,6 @@ def test_spline_data():
     assert not torch.equal(SplineData(noise=0.1, seed=1).y_train, noisy.y_train)
 
 
-@pytest.mark.parametrize(
-    ("make", "match"),
-    [
-        (lambda: DigitsData(batch_size=0), r"`batch_size` must be an int >= 1, got 0"),
-        (lambda: DigitsData(val_fraction=0.6, test_fraction=0.5), r"`val_fraction` \+ `test_fraction` must be < 1"),
-        (lambda: DiabetesData(test_fraction=1.5), r"`test_fraction` must be a float in \(0, 1\), got 1.5"),
-        (lambda: DigitsData(seed=-1), r"`seed` must be an int >= 0, got -1"),
-        (lambda: SplineData(function="cos"), r"`function` must be one of \('sine', 'abs', 'step'\), got 'cos'"),
-        (lambda: SplineData(noise=-0.1), r"`noise` must be a finite float >= 0, got -0.1"),
-        (lambda: SplineData(n_train=1), r"`n_train` must be an int >= 2, got 1"),
-    ],
-)
-def test_bad_arguments(make, match):
-    with pytest.raises(ValueError, match=match):
-        make()
-
-
 def test_standardize_constant_column_is_only_centered():
     a, b = standardize(torch.tensor([[1.0, 3.0], [3.0, 3.0]]), torch.tensor([[2.0, 4.0]]))
     assert b.tolist() == [[0.0, 1.0]]
