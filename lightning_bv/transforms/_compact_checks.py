@@ -8,13 +8,13 @@ name, no parameter tied to another module.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from typing import Any, cast
 
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.nn.utils import parametrize
 
+from lightning_bv._checks import check_groups
 from lightning_bv._layers import low_rank_factors
 from lightning_bv._sharding import refuse_split
 from lightning_bv.neurons import GroupedSlot, NeuronGroup
@@ -45,16 +45,7 @@ def check_model(model: object) -> None:
 
 def as_groups(groups: object) -> list[NeuronGroup]:
     """``groups`` as a list of NeuronGroup (TypeError for anything else)."""
-    if isinstance(groups, NeuronGroup):
-        return [groups]
-    items = list(groups) if isinstance(groups, Iterable) and not isinstance(groups, (str, nn.Module)) else [groups]
-    bad = next((g for g in items if not isinstance(g, NeuronGroup)), None)
-    if bad is not None:
-        raise TypeError(
-            "`groups` must be a NeuronGroup or an iterable of them (lightning_bv.find_neurons(model, x)), got "
-            f"{type(groups).__name__}" + (f" holding a {type(bad).__name__}" if bad is not groups else "")
-        )
-    return items  # type: ignore[return-value]
+    return check_groups(groups, NeuronGroup)
 
 
 def count(model: nn.Module) -> int:
