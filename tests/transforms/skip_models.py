@@ -1,6 +1,7 @@
-"""Models and snapshots shared by the skip tests (test_skip.py, test_skip_shapes.py)."""
+"""The models of the skip tests (test_skip.py, test_skip_shapes.py), built by tests/models.py."""
 
 import torch
+from models import cnn_same_padding, mlp
 from torch import nn
 
 from lightning_bv.transforms.skip import is_skip
@@ -19,37 +20,10 @@ class Block(nn.Module):
 
 
 def make_mlp() -> nn.Sequential:
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(6, 10), nn.ReLU(), nn.Linear(10, 10), nn.ReLU(), nn.Linear(10, 3))
+    return mlp([6, 10, 10, 3])
 
 
-def make_cnn() -> nn.Sequential:
-    torch.manual_seed(0)
-    return nn.Sequential(
-        nn.Conv2d(3, 8, 3, stride=2, padding=1),
-        nn.ReLU(),
-        nn.Conv2d(8, 8, 3, padding=1),
-        nn.ReLU(),
-        nn.Conv2d(8, 4, 5, padding=2, bias=False),
-    )
-
-
-def snapshot(model: nn.Module):
-    return (
-        str(model),
-        {k: v.detach().clone() for k, v in model.state_dict().items()},
-        {n: id(m) for n, m in model.named_modules()},
-    )
-
-
-def assert_unchanged(model: nn.Module, before) -> None:
-    text, state, ids = before
-    assert str(model) == text
-    now = model.state_dict()
-    assert list(now) == list(state)
-    for k, v in state.items():
-        assert torch.equal(now[k], v), k
-    assert {n: id(m) for n, m in model.named_modules()} == ids
+make_cnn = cnn_same_padding
 
 
 def randomize_skips(model: nn.Module) -> None:

@@ -3,6 +3,7 @@ import math
 import re
 import socket
 
+import models
 import pytest
 import torch
 import torch.nn.functional as F
@@ -111,23 +112,10 @@ def warm_batchnorm(model, x):
 # models
 # ---------------------------------------------------------------------------------------------------------------
 def mlp():
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(5, 12), nn.ReLU(), nn.Linear(12, 10), nn.ReLU(), nn.Linear(10, 3))
+    return models.mlp([5, 12, 10, 3])
 
 
-def cnn():
-    torch.manual_seed(0)
-    return nn.Sequential(
-        nn.Conv2d(1, 4, 3),
-        nn.BatchNorm2d(4),
-        nn.ReLU(inplace=True),
-        nn.MaxPool2d(2),
-        nn.Flatten(),
-        nn.Dropout(0.1),
-        nn.Linear(36, 5),
-        nn.PReLU(5),
-        nn.Linear(5, 2),
-    )
+cnn = models.cnn_bn_prelu
 
 
 class BasicBlock(nn.Module):

@@ -4,9 +4,10 @@ import copy
 
 import pytest
 import torch
+from helpers import assert_unchanged, snapshot
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from low_rank_models import assert_unchanged, make_cnn, make_mlp, matrix, snapshot
+from low_rank_models import make_cnn, make_mlp, matrix
 from torch import nn
 
 from lightning_bv.transforms.low_rank import (

@@ -4,7 +4,8 @@ import math
 
 import pytest
 import torch
-from low_rank_models import assert_unchanged, make_cnn, make_mlp, matrix, snapshot
+from helpers import assert_unchanged, snapshot
+from low_rank_models import make_cnn, make_mlp, matrix
 from torch import nn
 
 from lightning_bv._select import TargetsMatchNothingError

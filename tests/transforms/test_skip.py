@@ -2,7 +2,8 @@
 
 import pytest
 import torch
-from skip_models import assert_unchanged, make_cnn, make_mlp, randomize_skips, snapshot
+from helpers import assert_unchanged, snapshot
+from skip_models import make_cnn, make_mlp, randomize_skips
 from torch import nn
 
 from lightning_bv._layers import is_null_space

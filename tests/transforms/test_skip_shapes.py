@@ -2,7 +2,8 @@
 
 import pytest
 import torch
-from skip_models import Block, assert_unchanged, make_mlp, snapshot
+from helpers import assert_unchanged, snapshot
+from skip_models import Block, make_mlp
 from torch import nn
 
 from lightning_bv.transforms.skip import add_skip
