@@ -26,7 +26,7 @@ import torch
 
 # name -> (what it measures, arguments for --quick)
 BENCHMARKS: dict[str, tuple[str, list[str]]] = {
-    "overhead": ("step time with PathNormRegularization / without, per mode", ["--repeats", "1", "--blocks", "1"]),
+    "overhead": ("step time with RBVRegularization / without, per mode", ["--repeats", "1", "--blocks", "1"]),
     "monitor_overhead": (
         "step time with BVMonitor / without, at its default interval",
         ["--repeats", "1", "--blocks", "1"],
@@ -34,7 +34,7 @@ BENCHMARKS: dict[str, tuple[str, list[str]]] = {
     "cost": ("overhead per mode and BVMonitor on an MLP, a CNN and a transformer FFN; path_norm", ["--quick"]),
     "low_rank": ("forward time of factorized low-rank Linear layers / dense", ["--repeats", "10", "--ranks", "256"]),
     "compaction": ("forward time and parameters of a compacted MLP / the original", ["--repeats", "5"]),
-    "sparsity": ("sparsity against accuracy: PathNormRegularization, AdamW weight decay, ModelPruning", ["--quick"]),
+    "sparsity": ("sparsity against accuracy: RBVRegularization, AdamW weight decay, ModelPruning", ["--quick"]),
     "convergence": ("objective loss + lam * R against steps: prox vs weight decay", ["--quick"]),
     "theory_checks": ("the checks of docs/theory.md", ["--quick"]),
     "zoo": (

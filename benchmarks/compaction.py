@@ -2,7 +2,7 @@
 
 MLP 64 -> 4 x 1024 -> 10 on scikit-learn's bundled digits (8x8 images, 10 classes; nothing downloads), trained in a
 plain PyTorch loop with SGD and the proximal step of the path-norm after every step (what
-``PathNormRegularization(mode="prox", every_n_steps=1)`` does: the chain's hidden matrices lifted to ``A B`` before
+``RBVRegularization(mode="prox", every_n_steps=1)`` does: the chain's hidden matrices lifted to ``A B`` before
 the optimizer is built, the thresholds from the optimizer) until most neurons are dead. Then
 ``lightning_bv.compact`` (tol=0: the same function; the products merged back into dense weights) and forward passes
 of both models on one batch, in eval mode without grad (the original as the dense MLP it started as, with the

@@ -4,7 +4,7 @@ The PathProx claim (docs/theory.md section 4): in the interpolation regime, wher
 the proximal step reaches a given value of the objective in fewer steps than weight decay. Setting: the first 1000
 training points of ``DigitsData`` (standardized), MLP 64 -> 256 -> 10 (one hidden layer: no weight matrix is shared
 between neuron groups, so R is exact), cross-entropy, plain SGD (no momentum) with batches of 100 and the same
-learning rate and initialization for every mode, ``PathNormRegularization(lam, mode=..., every_n_steps=1)`` (the
+learning rate and initialization for every mode, ``RBVRegularization(lam, mode=..., every_n_steps=1)`` (the
 update on every step: the claim is about the per-step algorithms, not the lazy default) in a real Trainer. A
 callback placed after it records, every ``--every`` steps, the full-data objective ``mean CE + lam * R`` with
 ``R = rbv_norm(groups)`` (the function-space quantity every mode targets; weight decay minimizes the upper bound
@@ -35,7 +35,7 @@ from torch.utils.data import DataLoader
 
 from benchmarks._common import RESULTS, Supervised, markdown_table, quiet_lightning, save
 from benchmarks.sparsity import Batches
-from lightning_bv.callbacks import PathNormRegularization
+from lightning_bv.callbacks import RBVRegularization
 from lightning_bv.functional.rbv import neuron_scores, rbv_norm
 from lightning_bv.neurons import find_neurons
 
@@ -110,7 +110,7 @@ def run(mode: str, x: Tensor, y: Tensor, lam: float, lr: float, steps: int, ever
     model = classifier(lr)
     recorder = ObjectiveRecorder(x, y, lam, every)
     regularizer = (
-        PathProxProjection(lam) if mode == REFERENCE else PathNormRegularization(lam=lam, mode=mode, every_n_steps=1)
+        PathProxProjection(lam) if mode == REFERENCE else RBVRegularization(lam=lam, mode=mode, every_n_steps=1)
     )
     trainer = pl.Trainer(
         accelerator="cpu",
@@ -152,7 +152,7 @@ def plot(results: dict[float, dict[str, list[dict[str, Any]]]], path: str) -> No
         for ax in row:
             ax.legend(fontsize=8)
             ax.grid(alpha=0.3)
-    fig.suptitle("Digits (1000 points), MLP 64-256-10, SGD + PathNormRegularization")
+    fig.suptitle("Digits (1000 points), MLP 64-256-10, SGD + RBVRegularization")
     fig.tight_layout()
     fig.savefig(path, dpi=72)
     plt.close(fig)
@@ -213,7 +213,7 @@ def main(argv: list[str] | None = None) -> str:
     table += (
         f"\n\nSGD lr = {args.lr:g} (no momentum), batch 100, {steps} steps, seeds {seeds}. Step counts are medians "
         "over seeds (a seed that never reached the value counts as infinite; 'never': the median is). Rows are "
-        "lightning_bv's PathNormRegularization modes, except the last: a benchmark-local reference (see "
+        "lightning_bv's RBVRegularization modes, except the last: a benchmark-local reference (see "
         "PathProxProjection in benchmarks/convergence.py)."
     )
     print(table)

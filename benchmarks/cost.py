@@ -1,4 +1,4 @@
-"""What the callbacks cost: step time with each PathNormRegularization mode and with BVMonitor, over step time without,
+"""What the callbacks cost: step time with each RBVRegularization mode and with BVMonitor, over step time without,
 on three models; and the time of ``path_norm`` over one forward pass.
 
 Models (SGD with momentum, a real Lightning Trainer, random data, ``benchmarks.overhead.alternating_fit``):
@@ -40,7 +40,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from benchmarks._common import Alternating, Supervised, markdown_table, quiet_lightning, save
 from benchmarks.overhead import BLOCK, MLP, alternating_fit, summarize
-from lightning_bv.callbacks import PathNormRegularization
+from lightning_bv.callbacks import RBVRegularization
 from lightning_bv.callbacks.bv_monitor import BVMonitor
 from lightning_bv.functional.path_norm import path_norm
 
@@ -74,13 +74,13 @@ MODELS: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...]]] = {
 }
 CONFIGS: dict[str, Callable[[], pl.Callback]] = {}
 for _mode in ("prox", "penalty", "weight_decay"):
-    _default = PathNormRegularization(lam=1e-4, mode=_mode).every_n_steps
+    _default = RBVRegularization(lam=1e-4, mode=_mode).every_n_steps
     CONFIGS[f"{_mode} (default, every {_default})"] = functools.partial(
-        lambda m: PathNormRegularization(lam=1e-4, mode=m), _mode
+        lambda m: RBVRegularization(lam=1e-4, mode=m), _mode
     )
     _other = 8 if _default == 1 else 1
     CONFIGS[f"{_mode} every {_other}"] = functools.partial(
-        lambda m, k: PathNormRegularization(lam=1e-4, mode=m, every_n_steps=k), _mode, _other
+        lambda m, k: RBVRegularization(lam=1e-4, mode=m, every_n_steps=k), _mode, _other
     )
 CONFIGS["BVMonitor"] = BVMonitor
 

@@ -1,4 +1,4 @@
-"""Step time with PathNormRegularization over step time without, per mode (issue: goal <= 1.05).
+"""Step time with RBVRegularization over step time without, per mode (issue: goal <= 1.05).
 
 MLP 256 -> 4 x 1024 -> 10, batch 256, SGD, a real Lightning Trainer. Each fit is an A/B test
 (:class:`benchmarks._common.Alternating`): the callback runs in every other block of 50 steps and is absent in the
@@ -8,7 +8,7 @@ several-percent drift from one fit to the next on a shared machine. The median o
 smallest and largest.
 
 The prox lifts the MLP's three hidden 1024 x 1024 matrices to full-rank products ``A B`` in ``setup`` (see
-``PathNormRegularization``): both the on and the off blocks train the lifted model, so the ratio is the cost of the
+``RBVRegularization``): both the on and the off blocks train the lifted model, so the ratio is the cost of the
 update alone. ``--lift`` also times whole fits of the lifted model without the callback against the plain model
 (fits in turn, median of the repeats): the cost of training in the lifted architecture.
 
@@ -30,7 +30,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from benchmarks._common import Alternating, Supervised, markdown_table, median, quiet_lightning, save
-from lightning_bv.callbacks import PathNormRegularization
+from lightning_bv.callbacks import RBVRegularization
 
 OPTIMIZERS = {
     "sgd": functools.partial(torch.optim.SGD, lr=0.01, momentum=0.9),
@@ -82,7 +82,7 @@ def alternating_fit(
 
 
 def _config(mode: str, every: int) -> pl.Callback:
-    return PathNormRegularization(lam=1e-4, mode=mode, every_n_steps=every)
+    return RBVRegularization(lam=1e-4, mode=mode, every_n_steps=every)
 
 
 EVERY = (1, 4, 8)

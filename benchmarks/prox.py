@@ -5,7 +5,7 @@ Four parts, every fit a real Lightning ``Trainer`` fit unless said otherwise; la
 * ``digits``: scikit-learn's digits (the fixed split of ``DigitsData``), MLPs 64 -> 256 -> 10 and 64 -> 256 -> 256
   -> 10 (a plain chain: the callback lifts its hidden matrix to A B), batches of 128. For each optimizer (SGD lr 0.05
   momentum 0.9, Adam lr 1e-3, AdamW lr 1e-3) the optimizer's own ``weight_decay`` (the reference: the lam with the
-  best mean validation accuracy) and ``PathNormRegularization(lam)`` with that optimizer (weight_decay 0; the chosen
+  best mean validation accuracy) and ``RBVRegularization(lam)`` with that optimizer (weight_decay 0; the chosen
   lam is the largest whose mean validation accuracy is within 0.5 points of the reference's, else the best). Live
   neurons: score ``||v_k|| ||w_k||`` > 0, per hidden layer. Goals: every hidden layer <= 25% live within 0.5 points
   of test accuracy (SGD), <= 35% (Adam, AdamW).
@@ -36,7 +36,7 @@ from torch.utils.data import DataLoader
 from benchmarks._common import Supervised, markdown_table, quiet_lightning, save
 from benchmarks.sparsity import Batches, Problem, digits, metric, teacher_student
 from lightning_bv import find_neurons, lift_shared_weights, neuron_scores, prox_thresholds, proximal_step_, rbv_norm
-from lightning_bv.callbacks import PathNormRegularization
+from lightning_bv.callbacks import RBVRegularization
 
 OPTIMIZERS: dict[str, Any] = {
     "SGD": functools.partial(torch.optim.SGD, lr=0.05, momentum=0.9),
@@ -71,7 +71,7 @@ def fit(problem: Problem, hidden: list[int], optimizer: str, lam: float, wd: flo
     net = mlp([problem.d_in, *hidden, problem.d_out])
     loss = nn.functional.cross_entropy if problem.task == "classification" else nn.functional.mse_loss
     model = Supervised(net, loss, functools.partial(OPTIMIZERS[optimizer], weight_decay=wd))
-    callbacks = [PathNormRegularization(lam=lam)] if lam > 0 else []
+    callbacks = [RBVRegularization(lam=lam)] if lam > 0 else []
     trainer = pl.Trainer(
         accelerator="cpu", max_epochs=problem.epochs, logger=False, enable_checkpointing=False,
         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, callbacks=callbacks,

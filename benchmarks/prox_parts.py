@@ -1,6 +1,6 @@
 """Where the proximal update's time goes, part by part, against one training step of the same model.
 
-The MLP of ``benchmarks.overhead`` (256 -> 4 x 1024 -> 10, batch 256), lifted as ``PathNormRegularization`` lifts it
+The MLP of ``benchmarks.overhead`` (256 -> 4 x 1024 -> 10, batch 256), lifted as ``RBVRegularization`` lifts it
 (its three hidden matrices written as ``A B``), trained with SGD (momentum 0.9) or Adam, in plain PyTorch (no
 Lightning, so that only the parts are timed):
 

@@ -1,4 +1,4 @@
-"""Sparsity against accuracy: PathNormRegularization next to AdamW weight decay and Lightning's ModelPruning.
+"""Sparsity against accuracy: RBVRegularization next to AdamW weight decay and Lightning's ModelPruning.
 
 Two problems, one hidden layer each (so every neuron's weights belong to one group only and the prox is exact):
 
@@ -16,7 +16,7 @@ Methods, same model, same epochs, same data, every one a real Lightning ``Traine
   (rows = neurons, ranked by the L2 norm of their input weights), pruning ``n`` neurons so that exactly as many remain
   as the chosen ``prox`` run of the same seed keeps. ``at end``: pruned after the last epoch (no training after);
   ``at 80% + fine-tune``: pruned after 80% of the epochs and trained on with the mask for the rest;
-* ``PathNormRegularization(mode=...)``: ``prox``, ``penalty`` and ``weight_decay``, with SGD (lr 0.05, momentum
+* ``RBVRegularization(mode=...)``: ``prox``, ``penalty`` and ``weight_decay``, with SGD (lr 0.05, momentum
   0.9), the optimizer proximal gradient is derived for (PathProx). ``prox (AdamW)``: the prox under AdamW
   (``weight_decay=0``); its lam is on another scale (Adam normalizes the gradient but not the shrink ``lam * lr``).
   ``prox + NeuronPruning at 80% + fine-tune``: the prox for 80% of the epochs (lam a callable of the step that
@@ -54,7 +54,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 from benchmarks._common import Supervised, markdown_table, quiet_lightning, save
-from lightning_bv.callbacks import PathNormRegularization
+from lightning_bv.callbacks import RBVRegularization
 from lightning_bv.callbacks.neuron_pruning import NeuronPruning
 from lightning_bv.functional.rbv import neuron_scores
 from lightning_bv.neurons import find_neurons
@@ -224,10 +224,10 @@ def fit(problem: Problem, method: str, lam: float, seed: int, prune: tuple[int, 
         # prox for 80% of the epochs, compact, then train the survivors with lam=0
         stop = max(1, int(0.8 * problem.epochs))
         steps = len(Batches(problem.x_train, problem.y_train, problem.batch_size, seed))
-        callbacks.append(PathNormRegularization(lam=LamUntil(lam, stop * steps), mode=mode))
+        callbacks.append(RBVRegularization(lam=LamUntil(lam, stop * steps), mode=mode))
         callbacks.append(NeuronPruning(every_n_epochs=stop))
     elif mode is not None:
-        callbacks.append(PathNormRegularization(lam=lam, mode=mode))
+        callbacks.append(RBVRegularization(lam=lam, mode=mode))
     if prune is not None:
         epoch, n = prune
         callbacks.append(
@@ -265,7 +265,7 @@ def fit(problem: Problem, method: str, lam: float, seed: int, prune: tuple[int, 
 
 
 FT = "prox + NeuronPruning at 80% + fine-tune"
-# method -> (optimizer, PathNormRegularization mode or None)
+# method -> (optimizer, RBVRegularization mode or None)
 METHODS: dict[str, tuple[str, str | None]] = {
     "plain": ("adamw", None),
     "plain (SGD)": ("sgd", None),

@@ -1,6 +1,6 @@
 """Checks that lightning_bv does what docs/theory.md says, each shown with its numbers (tests/test_theory.py runs them).
 
-(a) 1-D: a shallow ReLU net fit with ``PathNormRegularization(mode="prox")`` is a linear spline with at most N - 2
+(a) 1-D: a shallow ReLU net fit with ``RBVRegularization(mode="prox")`` is a linear spline with at most N - 2
     knots for N points (the representer theorem), and TV(f') measured on the function equals ``rbv_norm`` after
     ``balance_`` (knots merged when equal; docs/theory.md section 2).
 (b) After ``balance_``, the neuron weight decay ``1/2 sum_k (||v_k||^2 + ||w_k||^2)`` equals R (section 3), on a
@@ -40,7 +40,7 @@ if str(ROOT) not in sys.path:  # loaded by file path (tests) or run as a file
 import lightning_bv as lbv  # noqa: E402
 from benchmarks._common import Supervised  # noqa: E402
 from benchmarks.sparsity import Batches, teacher_student  # noqa: E402
-from lightning_bv.callbacks import PathNormRegularization  # noqa: E402
+from lightning_bv.callbacks import RBVRegularization  # noqa: E402
 
 RANK_RTOL = 1e-5
 
@@ -89,7 +89,7 @@ def check_spline(n: int = 20, width: int = 256, lam: float = 0.003, steps: int =
     x, y = ex.make_data(n, 0.1, seed)
     net = nn.Sequential(nn.Linear(1, width), nn.ReLU(), nn.Linear(width, 1))
     seconds = fit(regressor(net, 1e-2), DataLoader(TensorDataset(x, y), batch_size=n),
-                  [PathNormRegularization(lam=lam, mode="prox")], steps)  # fmt: skip
+                  [RBVRegularization(lam=lam, mode="prox")], steps)  # fmt: skip
     groups = lbv.find_neurons(net, x[:2])
     lbv.balance_(groups)
     with torch.no_grad():
@@ -120,7 +120,7 @@ def train_rbvnet(
     x, y = torch.randn(n, d_in, generator=g), torch.randn(n, d_out, generator=g)
     net = lbv.RBVNet(d_in, d_out, width, bottleneck, depth)
     seconds = fit(regressor(net, 1e-2), DataLoader(TensorDataset(x, y), batch_size=n),
-                  [PathNormRegularization(lam=lam, q=q, mode="prox")], steps)  # fmt: skip
+                  [RBVRegularization(lam=lam, q=q, mode="prox")], steps)  # fmt: skip
     return net, x, seconds
 
 
@@ -191,7 +191,7 @@ def check_teacher(
     net = nn.Sequential(nn.Linear(problem.d_in, problem.width), nn.ReLU(), nn.Linear(problem.width, 1))
     data = DataLoader(Batches(problem.x_train, problem.y_train, problem.batch_size, seed), batch_size=None)
     steps = epochs * len(data)
-    seconds = fit(regressor(net, lr, "sgd"), data, [PathNormRegularization(lam=lam, mode="prox")], steps)
+    seconds = fit(regressor(net, lr, "sgd"), data, [RBVRegularization(lam=lam, mode="prox")], steps)
     with torch.no_grad():
         count = active(lbv.neuron_scores(lbv.find_neurons(net, problem.x_train[:2]))["0"])
         mse = float(nn.functional.mse_loss(net(problem.x_test), problem.y_test))

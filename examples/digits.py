@@ -7,8 +7,8 @@ optimizer (SGD, momentum 0.9) and the same strength lam:
 
   none           no regularization
   weight decay   the optimizer's weight_decay=lam (every parameter, biases and skips included: the usual practice)
-  neuron wd      PathNormRegularization(lam, mode="weight_decay"): weight decay on the neurons' weights only
-  prox           PathNormRegularization(lam, mode="prox")
+  neuron wd      RBVRegularization(lam, mode="weight_decay"): weight decay on the neurons' weights only
+  prox           RBVRegularization(lam, mode="prox")
 
 then compacts each model with tol=0 (the function is unchanged) and prints test accuracy, neurons kept (exact zeros
 removed), neurons with a score above 1e-3 of the largest (nearly dead ones count as dead here), and parameters. It
@@ -26,7 +26,7 @@ import pytorch_lightning as pl
 import torch
 
 import lightning_bv as lbv
-from lightning_bv.callbacks import PathNormRegularization
+from lightning_bv.callbacks import RBVRegularization
 from lightning_bv.modules import BVModule, DigitsData
 
 METHODS = ("none", "weight decay", "neuron wd", "prox")
@@ -39,7 +39,7 @@ def train(method: str, lam: float, epochs: int, limit_batches: int | None = None
     module = BVModule(net, optimizer="sgd", lr=0.05, weight_decay=lam if method == "weight decay" else 0.0)
     callbacks = []
     if method in ("neuron wd", "prox"):
-        callbacks.append(PathNormRegularization(lam=lam, mode="prox" if method == "prox" else "weight_decay"))
+        callbacks.append(RBVRegularization(lam=lam, mode="prox" if method == "prox" else "weight_decay"))
     trainer = pl.Trainer(
         max_epochs=epochs,
         limit_train_batches=limit_batches,

@@ -3,7 +3,7 @@
 Nothing in the model or the data knows about lightning_bv. The three lines marked ``# lbv n/3`` are the
 whole change: an import, a list of callbacks, and that list passed to the Trainer. They make the weight matrix between
 the two ReLU layers a rank-32 product (LowRank: the linear bottleneck of the deep representer theorem), train with the
-path-norm prox (PathNormRegularization: unneeded neurons become exactly zero) and log the seminorm, the live neurons,
+path-norm prox (RBVRegularization: unneeded neurons become exactly zero) and log the seminorm, the live neurons,
 the ranks and the path-norms (BVMonitor) to the project's own logger, here a CSVLogger
 (``<out>/lightning_logs/version_*/metrics.csv``).
 
@@ -23,7 +23,7 @@ from pytorch_lightning.loggers import CSVLogger
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset, random_split
 
-from lightning_bv.callbacks import BVMonitor, LowRank, PathNormRegularization  # lbv 1/3
+from lightning_bv.callbacks import BVMonitor, LowRank, RBVRegularization  # lbv 1/3
 
 
 class DigitsDataModule(pl.LightningDataModule):
@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
     model = LitClassifier()
     data = DigitsDataModule()
-    bv = [LowRank(rank=32, targets=["features.3"]), PathNormRegularization(lam=0.003), BVMonitor(log_every)]  # lbv 2/3
+    bv = [LowRank(rank=32, targets=["features.3"]), RBVRegularization(lam=0.003), BVMonitor(log_every)]  # lbv 2/3
     trainer = pl.Trainer(
         max_epochs=1 if args.smoke else args.epochs,
         limit_train_batches=4 if args.smoke else None,

@@ -23,7 +23,7 @@ from pytorch_lightning.strategies import ModelParallelStrategy
 from torch import nn
 from torch.distributed.fsdp import FSDPModule, fully_shard
 
-from lightning_bv.callbacks import BVMonitor, NeuronPruning, PathNormRegularization
+from lightning_bv.callbacks import BVMonitor, NeuronPruning, RBVRegularization
 from lightning_bv.modules.data import DigitsData
 
 
@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         strategy=ModelParallelStrategy(data_parallel_size=args.devices, tensor_parallel_size=1),
         max_epochs=args.epochs,
         logger=CSVLogger(args.out),
-        callbacks=[PathNormRegularization(lam=args.lam), BVMonitor(), pruning, ModelCheckpoint(save_top_k=0)],
+        callbacks=[RBVRegularization(lam=args.lam), BVMonitor(), pruning, ModelCheckpoint(save_top_k=0)],
         enable_progress_bar=False,
     )
     model, data = ShardedClassifier(), DigitsData(batch_size=64)

@@ -2,7 +2,7 @@
 
 Parhi & Nowak's representer theorem says the minimizer of loss + lam * TV(f') over all functions is a linear
 spline with at most N - 2 knots for N points, and that a wide ReLU network trained with the path-norm finds it.
-This example trains a 256-neuron network with PathNormRegularization(mode="prox"), then prints the number of
+This example trains a 256-neuron network with RBVRegularization(mode="prox"), then prints the number of
 active neurons and knots, the seminorm R = sum_k |v_k| |w_k| and TV(f') measured on the function itself, and
 saves a plot of the data, the fit and its knots.
 
@@ -20,7 +20,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import lightning_bv as lbv
-from lightning_bv.callbacks import PathNormRegularization
+from lightning_bv.callbacks import RBVRegularization
 
 
 def make_data(n: int = 20, noise: float = 0.1, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
-        callbacks=[PathNormRegularization(lam=args.lam, mode="prox")],
+        callbacks=[RBVRegularization(lam=args.lam, mode="prox")],
     )
     trainer.fit(model, DataLoader(TensorDataset(x, y), batch_size=len(x)))
 

@@ -23,7 +23,7 @@ from lightning_bv.callbacks import (  # noqa: E402
     BVMonitor,
     LowRank,
     NeuronPruning,
-    PathNormRegularization,
+    RBVRegularization,
     SkipConnections,
 )
 
@@ -36,7 +36,7 @@ def module(optimizer: str) -> ShardedMLP:
     return ShardedMLP(width=16, lr=0.05, n=96, batch_size=16, deterministic_sampler=True, optimizer=optimizer)
 
 
-class CountingRegularization(PathNormRegularization):
+class CountingRegularization(RBVRegularization):
     """Records the all-reduces each proximal update makes (``per_update``)."""
 
     def __init__(self, **kw: Any) -> None:
@@ -69,22 +69,22 @@ def callbacks_of(case: str) -> list[Any]:
     if what.startswith(("resume", "refused")):  # resumed from a checkpoint: compared with an uninterrupted "prox" fit
         what = "prox"
     if what == "prox_nolift":
-        return [PathNormRegularization(lam=lam, lift_shared=False)]
+        return [RBVRegularization(lam=lam, lift_shared=False)]
     if what == "surgery":  # applied at setup, before configure_model shards the model
         return [
             LowRank(energy=0.9, exclude=["net.4"]),
             SkipConnections(targets=["net.2"]),
-            PathNormRegularization(lam=lam),
+            RBVRegularization(lam=lam),
         ]
     if what == "prune":
         from pytorch_lightning.callbacks import ModelCheckpoint
 
-        return [PathNormRegularization(lam=lam), NeuronPruning(), ModelCheckpoint(save_top_k=0)]
+        return [RBVRegularization(lam=lam), NeuronPruning(), ModelCheckpoint(save_top_k=0)]
     if what == "count":
         return [CountingRegularization(lam=lam)]
     if what == "monitor":
-        return [PathNormRegularization(lam=lam), BVMonitor(every_n_steps=3, spectra_every_n_steps=3)]
-    return [PathNormRegularization(lam=lam if what == "prox" else lam / 4, mode=what)]
+        return [RBVRegularization(lam=lam), BVMonitor(every_n_steps=3, spectra_every_n_steps=3)]
+    return [RBVRegularization(lam=lam if what == "prox" else lam / 4, mode=what)]
 
 
 class StartStep(pl.Callback):

@@ -24,7 +24,7 @@ from models import low_rank_mlp, mlp, skip_mlp
 from torch import nn
 
 import lightning_bv as lbv
-from lightning_bv.callbacks import LowRank, NeuronPruning, PathNormRegularization, SkipConnections
+from lightning_bv.callbacks import LowRank, NeuronPruning, RBVRegularization, SkipConnections
 from lightning_bv.functional import effective_rank, singular_values, stable_rank
 from lightning_bv.functional.rbv import NonFiniteWeightsError, add_rbv_grad_, add_weight_decay_grad_
 from lightning_bv.modules import BVModule, DiabetesData, DigitsData, SplineData
@@ -233,14 +233,14 @@ FUNCTION_ROWS: list[tuple[str, Callable[[], nn.Module], Callable[[nn.Module], An
     ("SplineData-noise", mlp, lambda m: SplineData(noise=-0.1), ValueError, r"`noise` must be a finite float >= 0, got -0.1"),
     ("SplineData-n_train", mlp, lambda m: SplineData(n_train=1), ValueError, r"`n_train` must be an int >= 2, got 1"),
     # callback arguments, checked at construction
-    ("PathNormRegularization-lam", mlp, callback_arg(PathNormRegularization, lam=-1.0), ValueError, r"`lam` must be a finite float >= 0 or a callable of the global step, got -1\.0"),
-    ("PathNormRegularization-q", mlp, callback_arg(PathNormRegularization, lam=0.1, q=2.5), ValueError, r"`q` must be 1 or 2"),
-    ("PathNormRegularization-mode", mlp, callback_arg(PathNormRegularization, lam=0.1, mode="l1"), ValueError, r"`mode` must be one of \('prox', 'penalty', 'weight_decay'\), got 'l1'"),
-    ("PathNormRegularization-every_n_steps", mlp, callback_arg(PathNormRegularization, lam=0.1, every_n_steps=1.0), ValueError, r"`every_n_steps` must be None or an int >= 1, got 1\.0"),
-    ("PathNormRegularization-log_every_n_steps", mlp, callback_arg(PathNormRegularization, lam=0.1, log_every_n_steps=True), ValueError, r"`log_every_n_steps` must be None or an int >= 1, got True"),
-    ("PathNormRegularization-on_nonfinite", mlp, callback_arg(PathNormRegularization, lam=0.1, on_nonfinite="ignore"), ValueError, r"`on_nonfinite` must be one of \('raise', 'skip'\).*got 'ignore'"),
-    ("PathNormRegularization-example_input", mlp, callback_arg(PathNormRegularization, lam=0.1, example_input=[X]), TypeError, r"`example_input` must be None, a tensor or a tuple.*got list"),
-    ("PathNormRegularization-exclude", mlp, callback_arg(PathNormRegularization, lam=0.1, exclude=5), TypeError, r"`exclude` must be None, a regex string or a list"),
+    ("RBVRegularization-lam", mlp, callback_arg(RBVRegularization, lam=-1.0), ValueError, r"`lam` must be a finite float >= 0 or a callable of the global step, got -1\.0"),
+    ("RBVRegularization-q", mlp, callback_arg(RBVRegularization, lam=0.1, q=2.5), ValueError, r"`q` must be 1 or 2"),
+    ("RBVRegularization-mode", mlp, callback_arg(RBVRegularization, lam=0.1, mode="l1"), ValueError, r"`mode` must be one of \('prox', 'penalty', 'weight_decay'\), got 'l1'"),
+    ("RBVRegularization-every_n_steps", mlp, callback_arg(RBVRegularization, lam=0.1, every_n_steps=1.0), ValueError, r"`every_n_steps` must be None or an int >= 1, got 1\.0"),
+    ("RBVRegularization-log_every_n_steps", mlp, callback_arg(RBVRegularization, lam=0.1, log_every_n_steps=True), ValueError, r"`log_every_n_steps` must be None or an int >= 1, got True"),
+    ("RBVRegularization-on_nonfinite", mlp, callback_arg(RBVRegularization, lam=0.1, on_nonfinite="ignore"), ValueError, r"`on_nonfinite` must be one of \('raise', 'skip'\).*got 'ignore'"),
+    ("RBVRegularization-example_input", mlp, callback_arg(RBVRegularization, lam=0.1, example_input=[X]), TypeError, r"`example_input` must be None, a tensor or a tuple.*got list"),
+    ("RBVRegularization-exclude", mlp, callback_arg(RBVRegularization, lam=0.1, exclude=5), TypeError, r"`exclude` must be None, a regex string or a list"),
     ("LowRank-neither", mlp, callback_arg(LowRank), ValueError, r"Give exactly one of `rank` and `energy`"),
     ("LowRank-energy", mlp, callback_arg(LowRank, energy=True), ValueError, r"`energy` must be a float in \(0, 1\].*got True"),
     ("LowRank-targets", mlp, callback_arg(LowRank, rank=1, targets="(?"), ValueError, r"`targets`='\(\?' is not a valid regular expression"),
@@ -332,9 +332,9 @@ SETUP_ROWS = [
     ("LowRank-fsdp", MLPModule, fsdp, LowRank(rank=1), ValueError, "LowRank " + SHARDED),
     ("SkipConnections-targets-nothing", MLPModule, single, SkipConnections(targets=["net.0", "nope"]), lbv.TargetsMatchNothingError, MATCH_NOTHING),
     ("SkipConnections-identity-shape", MLPModule, single, SkipConnections(targets=["net.2", "net.0"], kind="identity"), ValueError, r"needs 'net\.0' to keep its input shape, but it maps 4 to 16 features"),
-    ("PathNormRegularization-targets-nothing", MLPModule, single, PathNormRegularization(lam=0.1, targets=["nope"], example_input=X4), lbv.TargetsMatchNothingError, MATCH_NOTHING),
-    ("PathNormRegularization-fsdp", MLPModule, fsdp, PathNormRegularization(lam=0.1), ValueError, "PathNormRegularization " + SHARDED),
-    ("PathNormRegularization-manual-optimization", ManualMLP, single, PathNormRegularization(lam=0.1), ValueError, r"does not support manual optimization \(automatic_optimization=False\).*call lightning_bv\.proximal_step_\(groups, lightning_bv\.prox_thresholds\(groups, optimizer, lam\)"),
+    ("RBVRegularization-targets-nothing", MLPModule, single, RBVRegularization(lam=0.1, targets=["nope"], example_input=X4), lbv.TargetsMatchNothingError, MATCH_NOTHING),
+    ("RBVRegularization-fsdp", MLPModule, fsdp, RBVRegularization(lam=0.1), ValueError, "RBVRegularization " + SHARDED),
+    ("RBVRegularization-manual-optimization", ManualMLP, single, RBVRegularization(lam=0.1), ValueError, r"does not support manual optimization \(automatic_optimization=False\).*call lightning_bv\.proximal_step_\(groups, lightning_bv\.prox_thresholds\(groups, optimizer, lam\)"),
     ("NeuronPruning-targets-nothing", MLPModule, single, NeuronPruning(targets=["nope"], example_input=X4), lbv.TargetsMatchNothingError, MATCH_NOTHING),
     ("NeuronPruning-fsdp", MLPModule, fsdp, NeuronPruning(), ValueError, "NeuronPruning " + SHARDED),
     ("NeuronPruning-mid-fit-ddp", MLPModule, ddp, NeuronPruning(every_n_epochs=1), ValueError, r"NeuronPruning\(every_n_epochs=1\) compacts during training only on a single device: under DDPStrategy"),
@@ -380,10 +380,10 @@ class Diverging(MLPModule):
 def test_nonfinite_weights_stop_the_fit_naming_the_group(mode, value, kind):
     torch.manual_seed(0)
     module = Diverging(value)
-    cb = PathNormRegularization(lam=0.1, mode=mode, every_n_steps=1)
+    cb = RBVRegularization(lam=0.1, mode=mode, every_n_steps=1)
     with pytest.raises(
         FloatingPointError,
-        match=rf"PathNormRegularization \(mode='{mode}'\) at global step 3: neuron group 'net\.0' has non-finite "
+        match=rf"RBVRegularization \(mode='{mode}'\) at global step 3: neuron group 'net\.0' has non-finite "
         rf"weights: {kind} norm of the input weights of neuron\(s\) \[3\] of 16 \({kind}\)",
     ):
         trainer(callbacks=[cb], max_steps=6).fit(module)
@@ -398,7 +398,7 @@ def test_nonfinite_weights_stop_the_fit_naming_the_group(mode, value, kind):
 def test_nonfinite_weights_skip_warns_once_and_counts():
     torch.manual_seed(0)
     module = Diverging(NAN)
-    cb = PathNormRegularization(lam=0.1, mode="weight_decay", on_nonfinite="skip", every_n_steps=1)
+    cb = RBVRegularization(lam=0.1, mode="weight_decay", on_nonfinite="skip", every_n_steps=1)
     with pytest.warns(UserWarning, match="on_nonfinite='skip'") as record:
         trainer(callbacks=[cb], max_steps=6).fit(module)
     messages = [str(r.message) for r in record if "on_nonfinite='skip'" in str(r.message)]
@@ -442,7 +442,7 @@ SIZE_MISMATCH = (
     [
         pytest.param(lambda: [], id="no-callback"),
         pytest.param(lambda: [NeuronPruning()], id="NeuronPruning"),
-        pytest.param(lambda: [NeuronPruning(every_n_epochs=1), PathNormRegularization(lam=0.1)], id="pruning-prox"),
+        pytest.param(lambda: [NeuronPruning(every_n_epochs=1), RBVRegularization(lam=0.1)], id="pruning-prox"),
         pytest.param(lambda: [SkipConnections(targets=["net.4"])], id="SkipConnections"),
     ],
 )

@@ -72,7 +72,7 @@ def test_existing_project_snippet_runs(tmp_path, monkeypatch):
         "your_datamodule": None,
     }
     exec(code, scope)  # noqa: S102
-    assert isinstance(scope["callbacks"][1], cbs.PathNormRegularization)
+    assert isinstance(scope["callbacks"][1], cbs.RBVRegularization)
     assert scope["trainer"].global_step == 3
 
 

@@ -22,7 +22,7 @@ import pytorch_lightning as pl
 import torch
 from helpers import MLPModule, trainer
 
-from lightning_bv.callbacks import LowRank, NeuronPruning, PathNormRegularization, SkipConnections
+from lightning_bv.callbacks import LowRank, NeuronPruning, RBVRegularization, SkipConnections
 
 TESTS = Path(__file__).parent
 CONFIGS = ("path_norm", "low_rank", "skip", "pruning", "all")
@@ -49,7 +49,7 @@ def make_callbacks(config: str, ddp: bool = False) -> list[pl.Callback]:
     if config in ("skip", "all"):
         callbacks.append(SkipConnections(targets=["net.2"]))
     if config in ("path_norm", "all"):
-        callbacks.append(PathNormRegularization(lam=0.05, mode="prox", every_n_steps=3))
+        callbacks.append(RBVRegularization(lam=0.05, mode="prox", every_n_steps=3))
     if config in ("pruning", "all"):  # mid-fit compaction is single-device only: DDP compacts at the end of fit
         callbacks.append(NeuronPruning(every_n_epochs=None if ddp else 1))
     return callbacks
@@ -98,7 +98,7 @@ def summary(callbacks: list[pl.Callback]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for cb in callbacks:
         name = type(cb).__name__
-        if isinstance(cb, PathNormRegularization):
+        if isinstance(cb, RBVRegularization):
             assert cb.groups is not None
             out[name] = {"groups": [(g.name, g.num_neurons) for g in cb.groups], "steps": cb._steps}
         elif isinstance(cb, LowRank):

@@ -15,7 +15,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 import lightning_bv as lbv
-from lightning_bv.callbacks import LowRank, NeuronPruning, PathNormRegularization, SkipConnections
+from lightning_bv.callbacks import LowRank, NeuronPruning, RBVRegularization, SkipConnections
 from lightning_bv.callbacks._base import refuse_sharded, refuse_unsupported
 
 L = pytest.importorskip("lightning")
@@ -64,7 +64,7 @@ def test_callbacks_work_with_both_trainers(package):
     callbacks = [
         LowRank(rank=3, targets=["net.2"]),
         SkipConnections(targets=["net.0"]),  # a skip around a consumer would read the neurons: they could not go
-        PathNormRegularization(lam=1.0),
+        RBVRegularization(lam=1.0),
         NeuronPruning(every_n_epochs=1),
     ]
     assert all(isinstance(cb, L.Callback) and isinstance(cb, pl.Callback) for cb in callbacks)
@@ -118,9 +118,9 @@ def test_torch_compile_submodule_and_whole_module():
     compiled = Compiled()
     compiled.net._orig_mod.load_state_dict(eager.net.state_dict())
     whole = copy.deepcopy(eager)
-    trainer(callbacks=[PathNormRegularization(lam=0.5)], max_steps=6).fit(eager)
+    trainer(callbacks=[RBVRegularization(lam=0.5)], max_steps=6).fit(eager)
 
-    cb = PathNormRegularization(lam=0.5)  # discovered from the first step: the trace runs the compiled net eagerly
+    cb = RBVRegularization(lam=0.5)  # discovered from the first step: the trace runs the compiled net eagerly
     trainer(callbacks=[cb], max_steps=6).fit(compiled)
     assert cb.groups.names == ["net._orig_mod.0", "net._orig_mod.2"]
     for p, e in zip(compiled.net.parameters(), eager.net.parameters()):
@@ -130,7 +130,7 @@ def test_torch_compile_submodule_and_whole_module():
     assert lbv.find_neurons(compiled.net, x).names == ["_orig_mod.0", "_orig_mod.2"]
     torch.testing.assert_close(lbv.path_norm(compiled.net, x), lbv.path_norm(eager.net, x))
 
-    cb = PathNormRegularization(lam=0.5)  # the LightningModule itself compiled (Lightning unwraps it)
+    cb = RBVRegularization(lam=0.5)  # the LightningModule itself compiled (Lightning unwraps it)
     trainer(callbacks=[cb], max_steps=6).fit(torch.compile(whole))
     assert cb.groups.names == ["net.0", "net.2"]
     for p, e in zip(whole.net.parameters(), eager.net.parameters()):
@@ -155,7 +155,7 @@ def test_low_rank_and_prox_under_mixed_precision_match_an_autocast_loop(precisio
         opt.step()
         lbv.proximal_step_(found, lam * lr, first=step == 0)
 
-    low_rank, path_norm = LowRank(rank=2, targets=["net.0", "net.2"]), PathNormRegularization(lam=lam, every_n_steps=1)
+    low_rank, path_norm = LowRank(rank=2, targets=["net.0", "net.2"]), RBVRegularization(lam=lam, every_n_steps=1)
     t = trainer(callbacks=[low_rank, path_norm], max_steps=steps, precision=precision)
     t.fit(module)
     assert t.precision_plugin.scaler is None  # on CPU, autocast without a GradScaler
@@ -173,8 +173,8 @@ def test_gradient_accumulation_under_ddp_matches_a_single_process(tmp_path):
     start = MLPModule(lr=0.05, batch_size=16, deterministic_sampler=True)
     kw = {"max_steps": 3, "accumulate_grad_batches": 2, "use_distributed_sampler": False}
     single = copy.deepcopy(start)
-    trainer(callbacks=[PathNormRegularization(lam=0.3, mode="penalty")], **kw).fit(single)
-    cbs = [PathNormRegularization(lam=0.3, mode="penalty"), SaveWeights(str(tmp_path))]
+    trainer(callbacks=[RBVRegularization(lam=0.3, mode="penalty")], **kw).fit(single)
+    cbs = [RBVRegularization(lam=0.3, mode="penalty"), SaveWeights(str(tmp_path))]
     trainer(callbacks=cbs, strategy="ddp_spawn", devices=2, **kw).fit(copy.deepcopy(start))
     r0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
     r1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
@@ -227,7 +227,7 @@ def test_prox_uses_the_learning_rate_of_the_group_holding_the_output_weights():
     expected = two_heads_by_hand(start, lam, {"a.0": 0.01, "b.0": 0.1}, steps)  # the lr of a.2 and of b.2
     wrong = two_heads_by_hand(start, lam, {"a.0": 0.1, "b.0": 0.01}, steps)  # the lr of the input weights
     module = copy.deepcopy(start)
-    cb = PathNormRegularization(lam=lam, every_n_steps=1)
+    cb = RBVRegularization(lam=lam, every_n_steps=1)
     trainer(callbacks=[cb], max_steps=steps).fit(module)
     assert cb.groups.names == ["a.0", "b.0"]
     for (n, p), e in zip(module.named_parameters(), expected.parameters()):
@@ -269,11 +269,11 @@ class TwoOptimizers(MLPModule):
 def test_manual_optimization_with_two_optimizers_is_refused_with_the_helper_to_use():
     with pytest.raises(
         ValueError,
-        match=r"PathNormRegularization does not support manual optimization \(automatic_optimization=False\): there "
+        match=r"RBVRegularization does not support manual optimization \(automatic_optimization=False\): there "
         r"is no optimizer step hook to attach to\. In your training_step, after each optimizer\.step\(\), call "
         r"lightning_bv\.proximal_step_\(groups, lightning_bv\.prox_thresholds\(groups, optimizer, lam\), first=",
     ):
-        trainer(callbacks=[PathNormRegularization(lam=0.1)], max_steps=1).fit(TwoOptimizers())
+        trainer(callbacks=[RBVRegularization(lam=0.1)], max_steps=1).fit(TwoOptimizers())
     torch.manual_seed(0)
     module = TwoOptimizers(lam=5.0)  # the helper works there: neurons die
     trainer(max_steps=20).fit(module)
@@ -292,8 +292,8 @@ def test_fsdp_is_refused_by_lightning_on_cpu_and_by_the_callbacks():
 
     for strategy in (FSDPStrategy(), UnifiedFSDP()):
         fake = types.SimpleNamespace(strategy=strategy)
-        for who in ("PathNormRegularization", "LowRank", "NeuronPruning"):
+        for who in ("RBVRegularization", "LowRank", "NeuronPruning"):
             with pytest.raises(ValueError, match=rf"{who} does not support the sharded strategy FSDPStrategy"):
                 refuse_sharded(fake, who, "reads whole rows")
         with pytest.raises(ValueError, match=r"Use ModelParallelStrategy\(.*fully_shard.*\(FSDP2\), or strategy='ddp'"):
-            refuse_unsupported(fake, MLPModule(), "PathNormRegularization")
+            refuse_unsupported(fake, MLPModule(), "RBVRegularization")

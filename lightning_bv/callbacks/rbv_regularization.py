@@ -190,7 +190,7 @@ class RBVRegularization(GroupsCallback):
             why = "; ".join(f"{n}: {r}" for n, r in groups.skipped) or "the model has no ReLU neurons"
             instead = groups.found_instead()
             rank_zero_warn(
-                "PathNormRegularization found no neuron group to regularize; training goes on unchanged. "
+                "RBVRegularization found no neuron group to regularize; training goes on unchanged. "
                 + (f"It {instead}. " if instead else "")
                 + f"Skipped: {why}"
             )

@@ -78,7 +78,7 @@ class BVModule(pl.LightningModule):
         optimizer: ``"adam"``, ``"adamw"`` or ``"sgd"`` (SGD with ``momentum``).
         lr: learning rate ``> 0``.
         weight_decay: the optimizer's weight decay ``>= 0`` (on every parameter, as usual; for the path-norm use
-            :class:`~lightning_bv.callbacks.PathNormRegularization`).
+            :class:`~lightning_bv.callbacks.RBVRegularization`).
         momentum: SGD momentum in ``[0, 1)``.
 
     Raises:

@@ -105,7 +105,7 @@ class Slot:
             raise NotImplementedError(
                 f"slot {self!r}: norms of weights split across ranks (FSDP2) are not differentiable here (the "
                 "all-reduce that completes them has no gradient); compute them under torch.no_grad(), or use "
-                "PathNormRegularization's modes, which need no gradient of the norms"
+                "RBVRegularization's modes, which need no gradient of the norms"
             )
         r = self._reduce(loc.tensor, how)
         if not loc.split or self.dim != 0:

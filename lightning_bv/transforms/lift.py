@@ -100,7 +100,7 @@ def lift_shared_weights(
 
     The groups passed in are updated in place: the group before each lifted layer owns the columns of ``B``, the one
     after it the rows of ``A``. ``A`` and ``B`` are new Parameters: build the optimizer after this call (the
-    ``PathNormRegularization`` callback lifts in ``setup``, before Lightning builds it). A shared weight that cannot
+    ``RBVRegularization`` callback lifts in ``setup``, before Lightning builds it). A shared weight that cannot
     be factorized (a parametrization of someone else's, a grouped convolution, a module registered under two names)
     is left as it is and listed in ``report.skipped`` with the reason. All lifts succeed or none is applied.
 
@@ -111,7 +111,7 @@ def lift_shared_weights(
         normalize: first apply the function-preserving normalize of :func:`~lightning_bv.prox_` (``tau=0``) to
             all groups, in order, when there is something to lift. The shared matrices are then the same for a model
             and any per-neuron positive rescale of it, and so are their factors: the two train identically (the
-            ``PathNormRegularization`` callback does this).
+            ``RBVRegularization`` callback does this).
 
     Returns:
         LiftReport: the layers lifted (with their ranks) and those skipped, with why.

@@ -44,7 +44,7 @@ def test_existing_project_smoke(tmp_path):
     (metrics,) = tmp_path.glob("lightning_logs/version_*/metrics.csv")
     with metrics.open() as f:
         columns = set(next(csv.reader(f)))
-    # PathNormRegularization and BVMonitor (per group, path-norms) at work; LowRank's features.3 sits between the
+    # RBVRegularization and BVMonitor (per group, path-norms) at work; LowRank's features.3 sits between the
     # two groups, which own its factors (it has no rank group of its own)
     expected = {"bv/rbv_norm", "bv/active_neurons", "bv/features.1/active", "bv/features.3/active"}
     assert expected | {"bv/path_norm_l1", "bv/path_norm_l2", "train_loss", "val_acc"} <= columns
@@ -55,7 +55,7 @@ def test_existing_project_adds_lightning_bv_in_three_lines():
     lines = source.splitlines()
     marked = [i + 1 for i, line in enumerate(lines) if re.search(r"# lbv [123]/3$", line)]
     assert [lines[i - 1].rsplit("# lbv ", 1)[1] for i in marked] == ["1/3", "2/3", "3/3"]
-    ours = {"BVMonitor", "LowRank", "PathNormRegularization", "bv"}
+    ours = {"BVMonitor", "LowRank", "RBVRegularization", "bv"}
     used = {
         node.lineno
         for node in ast.walk(ast.parse(source))
