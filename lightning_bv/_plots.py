@@ -47,7 +47,7 @@ def _numpy(t: Tensor) -> Any:
     return t.detach().reshape(-1).cpu().numpy()
 
 
-def plot_function(
+def function_figure(
     grid: Tensor,
     values: Tensor,
     *,
@@ -77,7 +77,7 @@ def plot_function(
     Example:
         >>> import torch
         >>> x = torch.linspace(-1, 1, 5)
-        >>> fig = plot_function(x, x.relu(), knots=(torch.zeros(1), torch.zeros(1)), size=(3, 2), dpi=50)
+        >>> fig = function_figure(x, x.relu(), knots=(torch.zeros(1), torch.zeros(1)), size=(3, 2), dpi=50)
         >>> rgb(fig).shape
         (100, 150, 3)
     """

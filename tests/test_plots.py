@@ -19,16 +19,16 @@ def test_figure_has_its_own_agg_canvas_without_pyplot():
     assert _plots.has_matplotlib()
 
 
-def test_plot_function_draws_the_line_the_data_and_the_knots():
+def test_function_figure_draws_the_line_the_data_and_the_knots():
     x = torch.linspace(-1, 1, 11, dtype=torch.float64)
     knots = (torch.tensor([0.0]), torch.tensor([0.0]))
-    fig = _plots.plot_function(x, x.relu(), label="g", data=(x[:3], x[:3]), knots=knots, title="t", size=(3, 2))
+    fig = _plots.function_figure(x, x.relu(), label="g", data=(x[:3], x[:3]), knots=knots, title="t", size=(3, 2))
     (ax,) = fig.axes
     assert [t.get_text() for t in ax.get_legend().get_texts()] == ["training data", "g", "1 knots"]
     assert ax.get_title() == "t"
     line, marks = ax.get_lines()
     assert line.get_xydata().tolist() == torch.stack([x, x.relu()], 1).tolist()
     assert marks.get_xydata().tolist() == [[0.0, 0.0]]
-    fig = _plots.plot_function(x, x, knots=(torch.zeros(0), torch.zeros(0)))  # no knot in range: no marks
+    fig = _plots.function_figure(x, x, knots=(torch.zeros(0), torch.zeros(0)))  # no knot in range: no marks
     assert [t.get_text() for t in fig.axes[0].get_legend().get_texts()] == ["f(x)"]
     assert fig.get_size_inches().tolist() == [7, 4]

@@ -383,7 +383,7 @@ class BVMonitor(CallbackBase):
             yk = self._evaluate(root, knots, x0) if knots.numel() else None
             marked = (knots, yk) if yk is not None else None
         title = f"global step {self._last_step}"
-        return _plots.rgb(_plots.plot_function(grid, y, knots=marked, title=title, size=(6, 4), dpi=80))
+        return _plots.rgb(_plots.function_figure(grid, y, knots=marked, title=title, size=(6, 4), dpi=80))
 
     @staticmethod
     def _evaluate(pl_module: nn.Module, x: Tensor, like: Tensor) -> Tensor | None:

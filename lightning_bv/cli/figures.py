@@ -96,6 +96,6 @@ def plot_function(pl_module: nn.Module, datamodule: Any, path: Path) -> bool:
             m.training = mode
     if not isinstance(out, Tensor) or out.numel() != grid.numel():
         return False
-    fig = _plots.plot_function(grid, out, label="learned function", data=(x, y), size=(7, 4), dpi=100)
+    fig = _plots.function_figure(grid, out, label="learned function", data=(x, y), size=(7, 4), dpi=100)
     fig.savefig(path)
     return True
