@@ -341,14 +341,12 @@ class BVMonitor(GroupsCallback):
 
     def _function_image(self, pl_module: pl.LightningModule, scores: dict[str, Tensor]) -> Any:
         """An RGB array of the plot of a 1-in, 1-out model with its knots, or None for other models."""
+        from lightning_bv import _plots
+
         if not self._is_1d():
             self._function_ok = False
             return None
-        try:
-            import numpy as np
-            from matplotlib.backends.backend_agg import FigureCanvasAgg
-            from matplotlib.figure import Figure
-        except ImportError:
+        if not _plots.has_matplotlib():
             self._function_ok = False
             rank_zero_warn("BVMonitor does not plot the learned function: matplotlib is not installed.")
             return None
@@ -368,23 +366,13 @@ class BVMonitor(GroupsCallback):
         if y is None:
             self._function_ok = False
             return None
-        fig = Figure(figsize=(6, 4), dpi=80)
-        canvas = FigureCanvasAgg(fig)  # the Agg renderer without pyplot: no global figure to close
-        ax = fig.add_subplot()
-        ax.plot(grid.numpy(), y.numpy(), lw=1.5, label="f(x)")
+        marked = None
         if knots is not None:
             knots = knots[(knots >= grid[0]) & (knots <= grid[-1])]
-            if knots.numel():
-                yk = self._evaluate(root, knots, x0)
-                if yk is not None:
-                    ax.plot(knots.numpy(), yk.numpy(), "o", ms=4, color="C3", label=f"{knots.numel()} knots")
-        ax.set_xlabel("x")
-        ax.set_ylabel("f(x)")
-        ax.set_title(f"global step {self._last_step}")
-        ax.legend(loc="best")
-        fig.tight_layout()
-        canvas.draw()
-        return np.asarray(canvas.buffer_rgba())[..., :3].copy()
+            yk = self._evaluate(root, knots, x0) if knots.numel() else None
+            marked = (knots, yk) if yk is not None else None
+        title = f"global step {self._last_step}"
+        return _plots.rgb(_plots.function_figure(grid, y, knots=marked, title=title, size=(6, 4), dpi=80))
 
     @staticmethod
     def _evaluate(pl_module: nn.Module, x: Tensor, like: Tensor) -> Tensor | None:
