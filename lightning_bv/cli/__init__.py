@@ -2,7 +2,7 @@
 
 ``lightning-bv fit`` with no ``--config`` trains the built-in default (:data:`DEFAULT_CONFIG`, the packaged file
 ``lightning_bv/cli/default.yaml``; ``lightning-bv fit --print_config`` prints it): an :class:`~lightning_bv.RBVNet`
-on :class:`~lightning_bv.modules.DigitsData` with ``LowRank``, ``SkipConnections``, ``PathNormRegularization``
+on :class:`~lightning_bv.modules.DigitsData` with ``LowRank``, ``SkipConnections``, ``RBVRegularization``
 (prox), ``BVMonitor`` and ``NeuronPruning``. Flags change it (``--trainer.max_epochs=5``); a ``--config`` file
 replaces it entirely. Every part is a ``class_path``/``init_args`` entry, so any callback, logger, model or datamodule
 can be set from YAML or flags::
@@ -23,7 +23,7 @@ W&B run folder, where W&B writes its own ``config.yaml``), ``summary.txt``, ``su
 1-D models). With a ``WandbLogger`` and no W&B account configured (no ``WANDB_API_KEY``, no ``wandb login``),
 ``WANDB_MODE=offline`` is set: the run is saved locally.
 
-``--lam`` and ``--mode`` set those arguments of the run's one ``PathNormRegularization``, ``--rank`` of its one
+``--lam`` and ``--mode`` set those arguments of the run's one ``RBVRegularization``, ``--rank`` of its one
 ``LowRank`` (with any ``--config``). Bad input (an unknown argument, a misspelled class name, which gets the closest
 known name, a missing config file, a bad value, a ``targets`` that matches nothing, a second callback Lightning cannot
 checkpoint next to the first) prints one paragraph naming every problem found and exits with code 2;

@@ -1,7 +1,7 @@
 """The default run of ``lightning-bv``: its config (``default.yaml``, shipped in the package) and its knob flags.
 
 ``lightning-bv fit`` with no ``--config`` trains :data:`DEFAULT_CONFIG`; ``--lam``, ``--mode`` and ``--rank``
-(:data:`KNOBS`) set those arguments of the run's one ``PathNormRegularization`` or ``LowRank``, with any config.
+(:data:`KNOBS`) set those arguments of the run's one ``RBVRegularization`` or ``LowRank``, with any config.
 """
 
 from __future__ import annotations
@@ -16,10 +16,11 @@ DEFAULT_CONFIG: str = files("lightning_bv.cli").joinpath("default.yaml").read_te
 
 # flag -> (the class name of the callback it sets, the type, what it is); the default run has one of each
 KNOBS: dict[str, tuple[str, type, str]] = {
-    "lam": ("PathNormRegularization", float, "the regularization strength (the default run's: 0.003)"),
-    "mode": ("PathNormRegularization", str, "'prox', 'penalty' or 'weight_decay' (the default run's: prox)"),
+    "lam": ("RBVRegularization", float, "the regularization strength (the default run's: 0.003)"),
+    "mode": ("RBVRegularization", str, "'prox', 'penalty' or 'weight_decay' (the default run's: prox)"),
     "rank": ("LowRank", int, "the rank of the low-rank layers (the default run's: 16)"),
 }
+_FORMER_NAMES = {"RBVRegularization": ("PathNormRegularization",)}  # a config that uses the deprecated name still works
 
 
 def with_default_config(argv: list[str]) -> list[str]:
@@ -50,7 +51,8 @@ def set_knobs(config: Any) -> None:
         value = config.get(flag)
         if value is None:
             continue
-        owners = [cb for cb in entries if str(getattr(cb, "class_path", "")).rpartition(".")[2] == cls_name]
+        names = {cls_name, *_FORMER_NAMES.get(cls_name, ())}
+        owners = [cb for cb in entries if str(getattr(cb, "class_path", "")).rpartition(".")[2] in names]
         if len(owners) != 1:
             raise ValueError(
                 f"`--{flag}` sets `{flag}` of the run's {cls_name} in trainer.callbacks, but the run has "

@@ -62,10 +62,10 @@ def test_knob_flags_set_the_default_callbacks(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     args = cli.with_default_config(["fit", "--lam=0.1", "--mode", "penalty", "--rank=8", "--trainer.logger=false"])
     built = cli.BVLightningCLI(args=args[1:], run=False)  # run=False parses without a subcommand
-    (reg,) = [c for c in built.trainer.callbacks if type(c).__name__ == "PathNormRegularization"]
+    (reg,) = [c for c in built.trainer.callbacks if type(c).__name__ == "RBVRegularization"]
     (low,) = [c for c in built.trainer.callbacks if type(c).__name__ == "LowRank"]
     assert (reg.lam, reg.mode, low.rank) == (0.1, "penalty", 8)
-    assert "--lam LAM             PathNormRegularization's `lam`" in run_cli(["fit", "--help"], cwd=tmp_path).stdout
+    assert "--lam LAM             RBVRegularization's `lam`" in run_cli(["fit", "--help"], cwd=tmp_path).stdout
 
 
 def test_wandb_offline_without_an_account(tmp_path, monkeypatch):

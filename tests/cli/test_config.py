@@ -16,7 +16,7 @@ def test_default_config_is_the_packaged_file():
     assert not (CONFIGS / "default.yaml").exists()  # one file: no copy to drift from it
     config = yaml.safe_load(cli.DEFAULT_CONFIG)
     names = [c["class_path"].rpartition(".")[2] for c in config["trainer"]["callbacks"]]
-    assert names == ["LowRank", "SkipConnections", "PathNormRegularization", "BVMonitor", "NeuronPruning"]
+    assert names == ["LowRank", "SkipConnections", "RBVRegularization", "BVMonitor", "NeuronPruning"]
     assert config["model"]["init_args"]["model"]["class_path"] == "lightning_bv.RBVNet"
     assert config["data"]["class_path"] == "lightning_bv.modules.DigitsData"
 
@@ -58,3 +58,11 @@ def test_set_knobs_writes_the_one_callback_and_refuses_none_or_several():
     config.trainer.callbacks = []
     with pytest.raises(ValueError, match="the run has 0 of them: add one"):
         cli.set_knobs(config)
+
+
+@pytest.mark.parametrize("name", ["RBVRegularization", "PathNormRegularization"])
+def test_lam_knob_sets_the_regularizer_under_its_new_and_its_former_name(name):
+    entry = Namespace(class_path=f"lightning_bv.callbacks.{name}", init_args=Namespace(lam=0.003, mode="prox"))
+    config = Namespace(trainer=Namespace(callbacks=[entry]), lam=0.01, mode="penalty", rank=None)
+    cli.set_knobs(config)
+    assert (entry.init_args.lam, entry.init_args.mode) == (0.01, "penalty")

@@ -17,16 +17,16 @@ BAD = {
         "'no_such_layer' matched no module",
     ),
     "bad value": (["--model.init_args.lr=-1"], "`lr` must be a finite float >= 0, got -1.0"),
-    "a second PathNormRegularization": (
-        ["--trainer.callbacks+=PathNormRegularization", "--trainer.callbacks.lam=0.1"],
-        "trainer.callbacks has two PathNormRegularization callbacks with the same state_key, which Lightning cannot "
-        "checkpoint side by side. The default run already has one PathNormRegularization: change it with its flags "
+    "a second RBVRegularization": (
+        ["--trainer.callbacks+=RBVRegularization", "--trainer.callbacks.lam=0.1"],
+        "trainer.callbacks has two RBVRegularization callbacks with the same state_key, which Lightning cannot "
+        "checkpoint side by side. The default run already has one RBVRegularization: change it with its flags "
         "(--lam, --mode)",
     ),
     "misspelled class": (["--trainer.callbacks+=LowRnak"], "'LowRnak' is not a class lightning-bv knows (nor an "),
     "misspelled class, suggestion": (["--trainer.callbacks+=LowRnak"], "Did you mean 'LowRank'?"),
     "missing lam and a bad mode": (
-        ["--trainer.callbacks+=PathNormRegularization", "--trainer.callbacks.mode=proxx"],
+        ["--trainer.callbacks+=RBVRegularization", "--trainer.callbacks.mode=proxx"],
         "the following arguments are required: lam. Also: `mode` must be one of ('prox', 'penalty', "
         "'weight_decay'), got 'proxx'.",
     ),
