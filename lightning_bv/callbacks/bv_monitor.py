@@ -10,6 +10,7 @@ from pytorch_lightning.utilities import rank_zero_warn
 from torch import Tensor, nn
 from typing_extensions import override
 
+from lightning_bv import _plots
 from lightning_bv._checks import check_q
 from lightning_bv._layers import WEIGHTED
 from lightning_bv._sharding import full
@@ -341,8 +342,6 @@ class BVMonitor(GroupsCallback):
 
     def _function_image(self, pl_module: pl.LightningModule, scores: dict[str, Tensor]) -> Any:
         """An RGB array of the plot of a 1-in, 1-out model with its knots, or None for other models."""
-        from lightning_bv import _plots
-
         if not self._is_1d():
             self._function_ok = False
             return None
