@@ -33,7 +33,7 @@ def test_setup_commands_are_what_ci_runs():
 
 @pytest.mark.slow
 def test_main_job_command_runs(tmp_path):
-    """The main job, shortened to one epoch (the full run is timed in tests/test_cli.py)."""
+    """The main job, shortened to one epoch (the full run is timed in tests/cli/test_app.py)."""
     out = subprocess.run(
         [
             sys.executable,
