@@ -206,6 +206,13 @@ FUNCTION_ROWS: list[tuple[str, Callable[[], nn.Module], Callable[[nn.Module], An
     ("compact-ddp", mlp, lambda m: lbv.compact(ddp_wrapped(m), example_input=X), TypeError, r"is wrapped in DistributedDataParallel"),
     ("compact-tol", mlp, lambda m: lbv.compact(m, tol=-1.0, example_input=X), ValueError, r"`tol` must be a finite float >= 0.*got -1\.0"),
     ("compact-tol-str", mlp, lambda m: lbv.compact(m, tol="0", example_input=X), ValueError, r"`tol` must be a finite float >= 0.*got '0'"),
+    ("compact-tol-nan", mlp, lambda m: lbv.compact(m, tol=float("nan"), example_input=X), ValueError, r"`tol` must be a finite float >= 0.*got nan"),
+    ("compact-tol-inf", mlp, lambda m: lbv.compact(m, tol=float("inf"), example_input=X), ValueError, r"`tol` must be a finite float >= 0.*got inf"),
+    ("compact-tol-bool", mlp, lambda m: lbv.compact(m, tol=True, example_input=X), ValueError, r"`tol` must be a finite float >= 0.*got True"),
+    # lift_shared_weights
+    ("lift_shared_weights-model", mlp, lambda m: lbv.lift_shared_weights("net"), TypeError, r"`model` must be an nn.Module, got str"),
+    ("lift_shared_weights-no-groups", mlp, lambda m: lbv.lift_shared_weights(m), ValueError, r"needs the model's neuron groups: pass `groups="),
+    ("lift_shared_weights-normalize", mlp, lambda m: lbv.lift_shared_weights(m, example_input=X, normalize=1), TypeError, r"`normalize` must be a bool, got 1"),
     ("compact-nothing-to-find-groups", mlp, lambda m: lbv.compact(m), ValueError, r"`compact` needs the model's neuron groups"),
     ("compact-groups-str", mlp, lambda m: lbv.compact(m, "0"), TypeError, r"`groups` must be a NeuronGroup or an iterable of them.*got str"),
     ("compact-groups-of-another-model", mlp, lambda m: lbv.compact(m, other_groups(m)), ValueError, r"Group '0' refers to a module '0' that is not the one in `model`"),
@@ -277,6 +284,10 @@ if BVMonitor is not None:
         ("BVMonitor-every_n_steps", mlp, callback_arg(BVMonitor, every_n_steps=0), ValueError, r"`every_n_steps` must be an int >= 1, got 0"),
         ("BVMonitor-q", mlp, callback_arg(BVMonitor, q=3), ValueError, r"`q` must be 1 or 2"),
         ("BVMonitor-plots", mlp, callback_arg(BVMonitor, plots="yes"), ValueError, r"`plots` must be a bool, got 'yes'"),
+        ("BVMonitor-every_n_steps-float", mlp, callback_arg(BVMonitor, every_n_steps=2.5), ValueError, r"`every_n_steps` must be an int >= 1, got 2.5"),
+        ("BVMonitor-spectra_every_n_steps", mlp, callback_arg(BVMonitor, spectra_every_n_steps=-1), ValueError, r"`spectra_every_n_steps` must be an int >= 1, got -1"),
+        ("BVMonitor-histograms", mlp, callback_arg(BVMonitor, histograms="yes"), ValueError, r"`histograms` must be a bool, got 'yes'"),
+        ("BVMonitor-example_input", mlp, callback_arg(BVMonitor, example_input=[1.0]), ValueError, r"`example_input` must be None, a tensor or a tuple"),
     ]
 # fmt: on
 

@@ -112,19 +112,7 @@ def wandb_run():
     wandb.finish()
 
 
-def test_arguments_are_validated():
-    with pytest.raises(ValueError, match=r"`every_n_steps` must be an int >= 1, got 0"):
-        BVMonitor(every_n_steps=0)
-    with pytest.raises(ValueError, match=r"`every_n_steps` must be an int >= 1, got 2.5"):
-        BVMonitor(every_n_steps=2.5)  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match=r"`spectra_every_n_steps` must be an int >= 1, got -1"):
-        BVMonitor(spectra_every_n_steps=-1)
-    with pytest.raises(ValueError, match=r"`histograms` must be a bool, got 'yes'"):
-        BVMonitor(histograms="yes")  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match=r"`example_input` must be None, a tensor or a tuple"):
-        BVMonitor(example_input=[1.0])  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match=r"`q` must be 1 or 2"):
-        BVMonitor(q=3)
+def test_a_new_monitor_has_no_state():  # its bad arguments are rows of tests/test_bad_input.py
     assert BVMonitor().state_dict() == {}
 
 

@@ -48,15 +48,6 @@ def test_targets_and_exclude():
         find_neurons(net, x, targets=["nope"])
 
 
-def test_bad_arguments():
-    with pytest.raises(TypeError, match="`model` must be an nn.Module"):
-        find_neurons("net", torch.randn(1))  # type: ignore[arg-type]
-    with pytest.raises(TypeError, match="`example_input` must be a tensor, a tuple of positional arguments or a dict"):
-        find_neurons(nn.Linear(1, 1), [1.0])  # type: ignore[arg-type]
-    with pytest.raises(TypeError, match="`targets` must be None, a regex string or a list"):
-        find_neurons(nn.Linear(1, 1), torch.randn(1, 1), targets=3)  # type: ignore[arg-type]
-
-
 def test_rng_state_restored():
     net = nn.Sequential(nn.Linear(3, 8), nn.ReLU(), nn.Dropout(0.5), nn.Linear(8, 2))
     torch.manual_seed(0)

@@ -65,17 +65,6 @@ def test_unknown_parametrization_raises_and_leaves_model_as_it_was():
     assert groups["0"].num_neurons == 12
 
 
-@pytest.mark.parametrize("tol", [-1.0, float("nan"), float("inf"), "0", True])
-def test_bad_tol(tol):
-    with pytest.raises(ValueError, match=r"`tol` must be a finite float >= 0.*got"):
-        compact(mlp(), example_input=torch.randn(2, 5), tol=tol)
-
-
-def test_needs_groups_or_example_input():
-    with pytest.raises(ValueError, match=r"pass `groups=lightning_bv.find_neurons\(model, x\)` or `example_input=x`"):
-        compact(mlp())
-
-
 def test_groups_of_another_model_or_stale_groups():
     model, other = mlp(), mlp()
     groups = lbv.find_neurons(other, torch.randn(2, 5))

@@ -104,14 +104,3 @@ def test_weights_that_cannot_be_factorized_are_skipped_with_the_reason():
         ("2", "its weight already has a parametrization (someone else's): it cannot be factorized as well")
     ]
     assert "not lifted 2: its weight already has a parametrization" in str(report2)
-
-
-def test_bad_arguments():
-    net, x = chain()
-    with pytest.raises(TypeError, match=r"`model` must be an nn.Module, got str"):
-        lbv.lift_shared_weights("net")
-    with pytest.raises(ValueError, match=r"needs the model's neuron groups: pass `groups="):
-        lbv.lift_shared_weights(net)
-    with pytest.raises(TypeError, match=r"`normalize` must be a bool, got 1"):
-        lbv.lift_shared_weights(net, example_input=x, normalize=1)
-    assert not any(lbv.is_low_rank(m) for m in net.modules())  # nothing changed
