@@ -95,8 +95,8 @@ class ModelIndex:
             if not ok:
                 raise ValueError(
                     f"Group '{g.name}' has {k} neurons, which does not match {s!r} of shape {tuple(shape)}: the "
-                    "groups are stale (found before the model changed). Find them again, or update them with "
-                    "CompactionReport.update_groups_."
+                    "groups are stale (found before the model changed). Find them again, or get new ones from "
+                    "the report of that compaction: CompactionReport.remap(groups)."
                 )
 
     def check_layout(self, name: str, m: nn.Module, role: str) -> LayerShrinker:

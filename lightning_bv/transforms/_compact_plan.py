@@ -82,7 +82,8 @@ def _check_size(g: NeuronGroup, name: str, size: int, what: str) -> None:
     if size != g.num_neurons:
         raise ValueError(
             f"Group '{g.name}' has {g.num_neurons} neurons but '{name}' has {size} {what}: the groups are stale (found "
-            "before the model changed). Find them again, or update them with CompactionReport.update_groups_."
+            "before the model changed). Find them again, or get new ones from the report of that compaction: "
+            "CompactionReport.remap(groups)."
         )
 
 
