@@ -105,15 +105,23 @@ def low_rank_factors(module: nn.Module) -> tuple[Tensor, Tensor] | None:
     """``(U, V)`` of a weight parametrized by ``apply_low_rank`` (W = U @ V, conv weights as out x in*kernel)."""
     if low_rank_weight(module) is None:
         return None
-    plist = weight_parametrizations(module)
+    return plist_factors(weight_parametrizations(module))
+
+
+def plist_factors(plist: Any) -> tuple[Tensor, Tensor]:
+    """``(U, V)`` held by a low-rank weight's ``ParametrizationList``."""
     return getattr(plist, U_KEY), getattr(plist, V_KEY)
+
+
+def set_plist_factors(plist: Any, u: nn.Parameter, v: nn.Parameter) -> None:
+    """Replace ``U`` and ``V`` in a low-rank weight's ``ParametrizationList`` by new Parameters."""
+    setattr(plist, U_KEY, u)
+    setattr(plist, V_KEY, v)
 
 
 def set_low_rank_factors(module: nn.Module, u: nn.Parameter, v: nn.Parameter) -> None:
     """Replace ``U`` and ``V`` of a low-rank layer by new Parameters (for example of another rank)."""
-    plist = weight_parametrizations(module)
-    setattr(plist, U_KEY, u)
-    setattr(plist, V_KEY, v)
+    set_plist_factors(weight_parametrizations(module), u, v)
 
 
 class NullSpace:

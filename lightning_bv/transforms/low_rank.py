@@ -41,7 +41,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from lightning_bv._layers import U_KEY, V_KEY, has_low_rank_weight
+from lightning_bv._layers import U_KEY, V_KEY, has_low_rank_weight, plist_factors, set_plist_factors
 from lightning_bv._layers import LowRankWeight as LowRankWeight  # re-exported
 from lightning_bv._layers import low_rank_factors as low_rank_factors  # re-exported
 from lightning_bv._layers import weight_parametrizations as _plist
@@ -204,15 +204,18 @@ def _merge_factors_(module: Any) -> None:
 def _resize_factors_on_load(plist: Any, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
     """Load-state-dict pre-hook: take the rank of the saved factors when it differs from the current one."""
     U, V = state_dict.get(prefix + U_KEY), state_dict.get(prefix + V_KEY)  # noqa: N806
-    old_u, old_v = getattr(plist, U_KEY), getattr(plist, V_KEY)
+    old_u, old_v = plist_factors(plist)
     if not (isinstance(U, Tensor) and isinstance(V, Tensor)) or (U.shape, V.shape) == (old_u.shape, old_v.shape):
         return
     if U.ndim != 2 or V.ndim != 2 or U.shape[1] != V.shape[0] or U.shape[0] != old_u.shape[0]:
         return  # let load_state_dict report the size mismatch
     if V.shape[1] != old_v.shape[1]:
         return
-    setattr(plist, U_KEY, nn.Parameter(old_u.new_empty(U.shape), requires_grad=old_u.requires_grad))
-    setattr(plist, V_KEY, nn.Parameter(old_v.new_empty(V.shape), requires_grad=old_v.requires_grad))
+    set_plist_factors(
+        plist,
+        nn.Parameter(old_u.new_empty(U.shape), requires_grad=old_u.requires_grad),
+        nn.Parameter(old_v.new_empty(V.shape), requires_grad=old_v.requires_grad),
+    )
     for p in plist:  # type: ignore[attr-defined]
         if isinstance(p, LowRankWeight):
             p.rank = int(U.shape[1])
