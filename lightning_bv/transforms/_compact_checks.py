@@ -14,7 +14,6 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.nn.utils import parametrize
 
-from lightning_bv._checks import check_groups
 from lightning_bv._layers import low_rank_factors
 from lightning_bv._sharding import refuse_split
 from lightning_bv.neurons import GroupedSlot, NeuronGroup
@@ -41,11 +40,6 @@ def check_model(model: object) -> None:
                 "model; they cannot be replaced. Compact the plain module (`ddp.module`) before wrapping it, or "
                 "after training, then wrap it again."
             )
-
-
-def as_groups(groups: object) -> list[NeuronGroup]:
-    """``groups`` as a list of NeuronGroup (TypeError for anything else)."""
-    return check_groups(groups, NeuronGroup)
 
 
 def count(model: nn.Module) -> int:

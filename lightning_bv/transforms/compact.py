@@ -48,10 +48,11 @@ from typing import Any, cast
 import torch
 from torch import Tensor, nn
 
+from lightning_bv._checks import check_groups
 from lightning_bv._checks import check_tol as _check_tol
 from lightning_bv._layers import low_rank_factors
 from lightning_bv.neurons import NeuronGroup, NeuronGroups, find_neurons
-from lightning_bv.transforms._compact_checks import ModelIndex, as_groups, check_model, count
+from lightning_bv.transforms._compact_checks import ModelIndex, check_model, count
 from lightning_bv.transforms._compact_couple import couple, decide
 from lightning_bv.transforms._compact_plan import apply, merge, plan_group
 from lightning_bv.transforms._compact_remap import Changes, remapped, unfactor_
@@ -127,7 +128,7 @@ def compact(
                 "`example_input=x`"
             )
         groups = find_neurons(model, example_input)
-    glist = as_groups(groups)
+    glist = check_groups(groups, NeuronGroup)
     index = ModelIndex(model)
     for g in glist:
         index.check_group(g)
